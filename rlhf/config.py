@@ -1,0 +1,250 @@
+"""Typed stage configs: YAML file + command-line overrides -> one dataclass.
+
+Every field is documented once, in its ``metadata["help"]``; the CLI help is built
+from it. Unknown keys and values of the wrong type are errors that name the key,
+where it came from, and the nearest valid key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message says what, where and what to do."""
+
+
+def opt(default, help: str, **kw):
+    """A config field with its one piece of documentation."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    """How the one loader builds the model (rlhf/loader.py)."""
+
+    model_name_or_path: str = opt("", "Base model: a local folder or a hub id. RM/PPO take it from the parent stage when empty.")
+    trust_remote_code: bool = opt(False, "Allow custom modelling code from the model folder/hub.")
+    dtype: str = opt("auto", "Weights dtype: auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), float32, bfloat16, float16.", choices=["auto", "float32", "bfloat16", "float16"])
+    attn_implementation: str | None = opt(None, "Attention kernel: eager, sdpa, flash_attention_2 (None: transformers' default).")
+    quantization: str = opt("none", "Quantize the frozen base with bitsandbytes: 4bit (QLoRA), 8bit, or none.", choices=["none", "4bit", "8bit"])
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 or fp4.", choices=["nf4", "fp4"])
+    bnb_4bit_use_double_quant: bool = opt(True, "Quantize the 4-bit quantization constants too (QLoRA double quantization).")
+    bnb_4bit_compute_dtype: str = opt("auto", "dtype of 4-bit matmuls: auto (same as dtype), float32, bfloat16, float16.", choices=["auto", "float32", "bfloat16", "float16"])
+    finetuning_type: str = opt("lora", "lora (adapters on a frozen, possibly quantized base), full (every weight), or freeze (only the last freeze_trainable_layers blocks).", choices=["lora", "full", "freeze"])
+    freeze_trainable_layers: int = opt(2, "With finetuning_type=freeze: how many of the last transformer blocks train.")
+    lora_r: int = opt(8, "LoRA rank.")
+    lora_alpha: int = opt(16, "LoRA alpha (scaling = alpha / r).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
+    lora_target: list[str] = opt(["auto"], "Modules that get LoRA: auto (per-architecture default), all-linear, or names such as q_proj,v_proj.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+
+
+@dataclass
+class DataConfig:
+    """Which data, and how it becomes tokens (rlhf/data.py, rlhf/templates.py)."""
+
+    dataset: list[str] = opt([], "Registry names or file paths (jsonl/json/csv/parquet); several mix. `rlhf datasets list` shows the names.")
+    eval_dataset: list[str] = opt([], "Held-out datasets; empty: split val_size off the training data.")
+    registry_file: str | None = opt(None, "Your own registry file (YAML/JSON, or LLaMA-Factory's dataset_info.json), merged over the built-in one.")
+    template: str = opt("auto", "Chat template: auto (the tokenizer's own, else chatml), or a built-in name: alpaca, chatml, llama3.")
+    max_length: int = opt(1024, "Longest tokenized example; longer ones are truncated.")
+    num_samples: int | None = opt(None, "Use at most this many rows of each dataset.")
+    val_size: float = opt(0.0, "Share (0-1) or count (>=1) of training rows held out for eval when eval_dataset is empty.")
+    skip_invalid_rows: bool = opt(False, "Skip rows that fail validation (and report how many) instead of stopping at the first.")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping shared by every stage."""
+
+    output_dir: str = opt("", "Stage output folder (written atomically: a finished folder has a manifest.json).")
+    seed: int = opt(42, "Random seed for data order, initialisation and sampling.")
+    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    num_train_epochs: float = opt(1.0, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = opt(-1, "Stop after this many optimizer steps (-1: use num_train_epochs).")
+    per_device_train_batch_size: int = opt(4, "Training micro-batch size per device.")
+    per_device_eval_batch_size: int = opt(8, "Eval batch size per device.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
+    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule: linear, cosine, constant, constant_with_warmup, ...")
+    warmup_ratio: float = opt(0.0, "Share of steps for linear warm-up.")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this value.")
+    optim: str = opt("adamw_torch", "Optimizer: adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, sgd, adafactor.")
+    bf16: bool = opt(False, "bf16 mixed precision.")
+    fp16: bool = opt(False, "fp16 mixed precision.")
+    logging_steps: int = opt(10, "Log every N optimizer steps.")
+    eval_steps: int | None = opt(None, "Evaluate every N steps (None: once per epoch when there is eval data).")
+    save_steps: int = opt(100, "Write a checkpoint every N steps.")
+    save_total_limit: int | None = opt(2, "Keep only the last N checkpoints.")
+    resume: bool = opt(False, "Continue from the last checkpoint in output_dir's working folder.")
+    overwrite_output_dir: bool = opt(False, "Replace an existing finished output_dir.")
+
+
+# ---------------------------------------------------------------------------
+# Loading: YAML + overrides -> dataclass
+
+
+def fields_of(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _type_of(cls, name: str):
+    return typing.get_type_hints(cls)[name]
+
+
+def _describe(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value, tp, key: str, where: str):
+    """Turn a YAML value or a command-line string into ``tp``, or raise ConfigError."""
+
+    def bad(why=""):
+        raise ConfigError(f"{where}: key '{key}' expects {_describe(tp)}, got {value!r}{why}")
+
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return coerce(value, inner[0], key, where)
+    if origin is list:
+        (item,) = args
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value.strip() else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [coerce(v, item, key, where) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        bad(" (use true or false)")
+    if tp is int:
+        if isinstance(value, bool):
+            bad()
+        if isinstance(value, int):
+            return value
+        try:
+            f = float(value)
+        except (TypeError, ValueError):
+            bad()
+        if f != int(f):
+            bad()
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            bad()
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            bad()
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            bad()
+        return str(value)
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                bad(" (give JSON)")
+        if not isinstance(value, dict):
+            bad()
+        return value
+    return value
+
+
+def nearest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.4)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def build(cls, values: dict, where: dict[str, str]):
+    """Check keys and types of ``values`` (key -> raw value) and build ``cls``.
+
+    ``where`` maps each key to the place it came from (a file path or "command line").
+    """
+    valid = fields_of(cls)
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        src = where.get(key, "config")
+        if name not in valid:
+            raise ConfigError(f"{src}: unknown key '{key}'{nearest(name, valid)}")
+        tp = _type_of(cls, name)
+        v = coerce(value, tp, name, src)
+        choices = valid[name].metadata.get("choices")
+        if choices and v is not None and v not in choices:
+            raise ConfigError(f"{src}: key '{name}' must be one of {choices}, got {v!r}")
+        kwargs[name] = v
+    cfg = cls(**kwargs)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
+    return data
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``--key value``, ``--key=value`` or ``key=value`` (dashes or underscores) -> {key: "value"}."""
+    out, i = {}, 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--"):
+            a = a[2:]
+            if "=" in a:
+                k, v = a.split("=", 1)
+            elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+                k, v = a, args[i + 1]
+                i += 1
+            else:
+                k, v = a, "true"  # a bare flag
+        elif "=" in a:
+            k, v = a.split("=", 1)
+        else:
+            raise ConfigError(f"command line: cannot read '{a}'; give overrides as --key value or key=value")
+        out[k.replace("-", "_")] = v
+        i += 1
+    return out
+
+
+def load_config(cls, path: str | None = None, overrides: dict | None = None):
+    """YAML file (optional) then overrides, checked and typed into ``cls``."""
+    values, where = {}, {}
+    if path:
+        for k, v in read_yaml(path).items():
+            values[k], where[k] = v, str(path)
+    for k, v in (overrides or {}).items():
+        values[k], where[k] = v, "command line"
+    return build(cls, values, where)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,2 +1,145 @@
+"""`rlhf` command line. Stage commands are built from each stage's config dataclass, so every
+config key is also a ``--key value`` option and its help is the field's documentation.
+
+Heavy libraries (torch, transformers, trl, peft) are imported only when a command runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+import typing
+
+import click
+
+# command -> (module, config class, one-line help). Modules are imported on use only.
+STAGES = {
+    "pt": ("rlhf.stages.pt", "PTConfig", "Pre-train a small base model (and tokenizer) on a text corpus."),
+    "sft": ("rlhf.stages.sft", "SFTConfig", "Supervised fine-tuning (LoRA/QLoRA, full or freeze) on instruction data."),
+    "rm": ("rlhf.stages.rm", "RMConfig", "Train a reward model (score head) on preference pairs, from the SFT adapter."),
+    "ppo": ("rlhf.stages.ppo", "PPOConfig", "PPO on one quantized base: policy, reference, reward and value as adapters."),
+}
+
+
+def _option_help(f: dataclasses.Field, tp) -> str:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(default, list):
+        default = ",".join(map(str, default))
+    return f"{f.metadata.get('help', '')} [default: {default}]"
+
+
+class StageCommand(click.Command):
+    """A stage: CONFIG.yaml plus ``--key value`` overrides of any config key."""
+
+    def __init__(self, name: str):
+        self.module, self.cls_name, short = STAGES[name]
+        super().__init__(
+            name,
+            help=f"{short}\n\nCONFIG is a YAML file of config keys; any key can be overridden as --key value, "
+            "--key=value or key=value (dashes or underscores; lists comma-separated). Example:\n\n"
+            f"    rlhf {name} configs/demo/{name}.yaml --learning-rate 1e-4 --lora-target q_proj,v_proj",
+            short_help=short,
+            context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+            params=[
+                click.Argument(["config"], required=False),
+                click.Option(["--help", "-h"], is_flag=True, help="Show every config key and exit."),
+            ],
+            callback=self.run,
+        )
+
+    def config_class(self):
+        return getattr(importlib.import_module(self.module), self.cls_name)
+
+    def format_options(self, ctx, formatter):
+        cls = self.config_class()
+        hints = typing.get_type_hints(cls)
+        rows = [(f"--{f.name.replace('_', '-')}", _option_help(f, hints[f.name])) for f in dataclasses.fields(cls)]
+        with formatter.section("Config keys (YAML key or --option)"):
+            formatter.write_dl(rows)
+
+    def run(self, config, help):
+        ctx = click.get_current_context()
+        if help:
+            click.echo(ctx.get_help())
+            ctx.exit()
+        from rlhf.config import ConfigError, load_config, parse_overrides
+
+        try:
+            cfg = load_config(self.config_class(), config, parse_overrides(ctx.args))
+        except ConfigError as e:
+            raise click.UsageError(str(e)) from None
+        _run_stage(self.module, cfg)
+
+
+def _run_stage(module: str, cfg):
+    """Run a stage; expected failures print one clear line instead of a traceback."""
+    from rlhf.logging_utils import setup_logging
+
+    setup_logging()
+    mod = importlib.import_module(module)
+    from rlhf.config import ConfigError
+    from rlhf.data import DataError
+    from rlhf.manifest import StageError
+
+    try:
+        out = mod.run(cfg)
+    except (ConfigError, DataError, StageError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"done: {out}")
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return sorted([*STAGES, *super().list_commands(ctx)])
+
+    def get_command(self, ctx, name):
+        if name in STAGES:
+            return StageCommand(name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="rlhf")
+def cli():
+    """RLHF with memory-efficient tuning: sft -> rm -> ppo on one (quantized) base with LoRA adapters."""
+
+
+@cli.group()
+def datasets():
+    """The dataset registry: list and show datasets by name."""
+
+
+@datasets.command("list")
+@click.option("--registry-file", default=None, help="Your registry file, merged over the built-in one.")
+def datasets_list(registry_file):
+    """List registered datasets: name, format, description."""
+    from rlhf.data import DataError, list_datasets
+
+    try:
+        rows = list_datasets(registry_file)
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
+    width = max(len(r[0]) for r in rows)
+    for name, fmt, desc in rows:
+        click.echo(f"{name:<{width}}  {fmt:<12}  {desc}")
+
+
+@datasets.command("show")
+@click.argument("name")
+@click.option("--registry-file", default=None, help="Your registry file, merged over the built-in one.")
+def datasets_show(name, registry_file):
+    """Show one dataset: format, source, columns, license, first rows."""
+    from rlhf.data import DataError, describe
+
+    try:
+        click.echo(describe(name, registry_file))
+    except DataError as e:
+        raise click.ClickException(str(e)) from None
+
+
 def main():
-    raise SystemExit("cli not written yet")
+    cli(prog_name="rlhf")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The stage contract: atomic output folders with a manifest, and checks of a parent folder.
+
+A stage trains in ``<output_dir>.partial`` (checkpoints live there, so ``--resume`` finds them) and
+renames it to ``<output_dir>`` only when everything, manifest last, is written. A folder without
+``manifest.json`` is never a finished stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+ORDER = {"pt": "rlhf pt", "sft": "rlhf sft", "rm": "rlhf rm", "ppo": "rlhf ppo"}
+
+
+class StageError(RuntimeError):
+    """A stage folder that is missing, unfinished, of the wrong kind, or from another base model."""
+
+
+def work_dir(output_dir: str | Path) -> Path:
+    return Path(str(Path(output_dir)) + ".partial")
+
+
+def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create (or reuse, with ``resume``) the working folder of a stage and return it."""
+    out, work = Path(output_dir), work_dir(output_dir)
+    if not str(output_dir):
+        raise StageError("output_dir is empty: set output_dir in the config or pass --output-dir DIR")
+    if out.exists():
+        if not overwrite:
+            raise StageError(f"{out} already holds a finished stage; pass --overwrite-output-dir true to replace it, or choose another output_dir")
+    if work.exists() and not resume:
+        if not overwrite:
+            raise StageError(
+                f"{work} holds an unfinished run; pass --resume true to continue it, or --overwrite-output-dir true to start over"
+            )
+        shutil.rmtree(work)
+    if resume and not work.exists():
+        raise StageError(f"--resume: no unfinished run at {work} to continue")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def last_checkpoint(work: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` folder under ``work/checkpoints``."""
+    ckpts = sorted(Path(work, "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return str(ckpts[-1]) if ckpts else None
+
+
+def file_sha256(path: str | Path, limit: int | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(limit) if limit else f.read())
+    return h.hexdigest()
+
+
+def model_fingerprint(path: str) -> str:
+    """A short hash of a base model's config and weight index (or weights), or its hub id."""
+    p = Path(path)
+    if not p.is_dir():
+        return f"hub:{path}"
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (p / name).is_file():
+            h.update((p / name).read_bytes())
+    if not any((p / n).is_file() for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")):
+        for w in sorted(p.glob("*.safetensors")):  # single-file weights: hash their first MiB and size
+            h.update(w.read_bytes()[: 1 << 20])
+            h.update(str(w.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("rlhf", "torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def finish_output(
+    work: str | Path,
+    output_dir: str | Path,
+    *,
+    stage: str,
+    config: dict,
+    base_model: str,
+    parent: str | Path | None = None,
+    datasets: dict | None = None,
+    metrics: dict | None = None,
+    started: float | None = None,
+) -> Path:
+    """Write ``manifest.json`` into the working folder, then rename it to ``output_dir``."""
+    work, out = Path(work), Path(output_dir)
+    parent_info = None
+    if parent:
+        pm = Path(parent) / MANIFEST
+        parent_info = {"path": str(Path(parent).resolve()), "stage": read_manifest(parent)["stage"], "manifest_sha256": file_sha256(pm)}
+    manifest = {
+        "stage": stage,
+        "base_model": {"path": base_model, "fingerprint": model_fingerprint(base_model)},
+        "parent": parent_info,
+        "datasets": datasets or {},
+        "config": config,
+        "metrics": metrics or {},
+        "versions": package_versions(),
+        "started": started,
+        "finished": time.time(),
+        "wall_seconds": round(time.time() - started, 2) if started else None,
+    }
+    tmp = work / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, work / MANIFEST)
+    if out.exists():  # overwrite was asked for and checked in prepare_output
+        shutil.rmtree(out)
+    os.replace(work, out)
+    return out
+
+
+def read_manifest(folder: str | Path) -> dict:
+    p = Path(folder) / MANIFEST
+    if not p.is_file():
+        raise StageError(f"{folder} is not a finished stage folder (no {MANIFEST})")
+    return json.loads(p.read_text())
+
+
+def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, for_stage: str, base_model: str | None = None) -> dict:
+    """Check that ``folder`` is a finished output of stage ``expect``; return its manifest.
+
+    Errors say what is wrong and what to run first.
+    """
+    expect = (expect,) if isinstance(expect, str) else tuple(expect)
+    run_first = " or ".join(ORDER.get(e, e) for e in expect)
+    if not folder:
+        raise StageError(f"{for_stage}: no {'/'.join(expect)} folder given; run {run_first} first and name its output_dir")
+    f = Path(folder)
+    if not f.exists():
+        if work_dir(f).exists():
+            raise StageError(f"{f} did not finish ({work_dir(f)} is an interrupted run): resume it with `{run_first} CONFIG --resume true`")
+        raise StageError(f"{f} does not exist: run {run_first} first (its output_dir), or fix the path")
+    m = read_manifest(f)
+    if m.get("stage") not in expect:
+        raise StageError(f"{f} is the output of `{ORDER.get(m.get('stage'), m.get('stage'))}`, but {for_stage} needs a {'/'.join(expect)} folder: run {run_first} first")
+    if m.get("stage") != "pt":
+        for needed in ("adapter_config.json",):
+            if (m.get("config", {}).get("finetuning_type", "lora") == "lora") and not (f / needed).is_file():
+                raise StageError(f"{f} is missing {needed}: the folder is damaged; rerun {run_first}")
+    if base_model is not None:
+        want = model_fingerprint(base_model)
+        have = m["base_model"]["fingerprint"]
+        if want != have:
+            raise StageError(
+                f"{f} was trained on base model {m['base_model']['path']} (fingerprint {have}), not {base_model} ({want}): "
+                f"use the same base, or rerun {run_first} on {base_model}"
+            )
+    return m

@@ -1,0 +1,105 @@
+"""`rlhf sft`: supervised fine-tuning with trl's SFTTrainer.
+
+Recipe: config -> tokenizer + chat template -> data (registry) tokenized with assistant-only labels
+-> model through the one loader (LoRA/QLoRA, full or freeze) -> train -> save the stage folder
+(adapter, tokenizer, manifest, log, plot).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from rlhf.config import DataConfig, ModelConfig, TrainConfig, opt
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass
+class SFTConfig(ModelConfig, DataConfig, TrainConfig):
+    train_on_prompt: bool = opt(False, "Also train on prompt (user/system) tokens; default: assistant tokens only.")
+    packing: bool = opt(False, "Pack several examples into each max_length sequence (trl's best-fit packing).")
+    task_eval_samples: int = opt(64, "Held-out prompts scored with the dataset's checkable metric before and after training (0: off).")
+    max_new_tokens: int = opt(32, "Tokens generated per held-out prompt for the task metric.")
+
+    def validate(self):
+        if not self.dataset:
+            raise ValueError("sft: no dataset given; set `dataset:` (a registry name or a file)")
+
+
+def tokenize(examples: list[dict], tokenizer, cfg: SFTConfig):
+    """Examples -> a datasets.Dataset of input_ids/labels; drops (and counts) rows with nothing to train."""
+    from datasets import Dataset
+
+    from rlhf.templates import encode_sft
+
+    rows = [encode_sft(tokenizer, e["messages"], cfg.max_length, cfg.train_on_prompt) for e in examples]
+    kept = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows if r and any(l != -100 for l in r["labels"])]
+    if len(kept) < len(rows):
+        log.warning("%d of %d examples have no trainable token left after truncation to max_length=%d; skipped",
+                    len(rows) - len(kept), len(rows), cfg.max_length)
+    if not kept:
+        raise ValueError(f"no example has a trainable token within max_length={cfg.max_length}")
+    return Dataset.from_list(kept)
+
+
+def run(cfg: SFTConfig) -> str:
+    import torch
+    from transformers import set_seed
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    from rlhf import evaluate
+    from rlhf.config import to_dict
+    from rlhf.loader import AdapterSpec, load_model, load_tokenizer
+    from rlhf.manifest import finish_output, last_checkpoint, prepare_output
+    from rlhf.templates import apply_template
+    from rlhf.train_utils import dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
+
+    started = time.time()
+    set_seed(cfg.seed)
+    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
+
+    # --- data
+    tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
+    cfg.template = apply_template(tokenizer, cfg.template)
+    train, evals, fingerprints = load_train_eval(cfg, kind="sft")
+    train_ds = tokenize(train, tokenizer, cfg)
+    eval_ds = tokenize(evals, tokenizer, cfg) if evals else None
+    log.info("sft: %d training and %d eval examples, template %s", len(train_ds), len(evals), cfg.template)
+
+    # --- model
+    adapters = [AdapterSpec("default", trainable=True)] if cfg.finetuning_type == "lora" else []
+    model = load_model(cfg, head="lm", adapters=adapters, for_training=True)
+
+    metric = dataset_metric(cfg.eval_dataset or cfg.dataset, cfg.registry_file) if evals else None
+    task_rows = evals[: cfg.task_eval_samples]
+
+    def task_score():
+        if not metric or not task_rows:
+            return None
+        return evaluate.task_metric(model, tokenizer, task_rows, metric, max_prompt_length=cfg.max_length,
+                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.per_device_eval_batch_size)
+
+    metrics = {}
+    if not cfg.resume:
+        metrics["task_metric_before"] = task_score()
+
+    # --- train
+    args = TrlSFTConfig(**trainer_kwargs(cfg, work, has_eval=eval_ds is not None), max_length=cfg.max_length,
+                        packing=cfg.packing, dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[log_callback(work)])
+    trainer.train(resume_from_checkpoint=last_checkpoint(work) if cfg.resume else None)
+    if eval_ds is not None:
+        trainer.evaluate()
+
+    # --- save
+    metrics.update(loss_summary(read_log(work)), task_metric_after=task_score())
+    trainer.save_model(str(work))  # the adapter (or full weights) at the folder root
+    tokenizer.save_pretrained(str(work))
+    trainer.state.save_to_json(str(work / "trainer_state.json"))
+    plot_curves(read_log(work), ["loss", "eval_loss", "learning_rate", "grad_norm"], work / "training_curves.png", "sft")
+    log.info("sft metrics: %s", {k: v for k, v in metrics.items() if v is not None})
+    return str(finish_output(work, cfg.output_dir, stage="sft", config=to_dict(cfg), base_model=cfg.model_name_or_path,
+                             datasets=fingerprints, metrics=metrics, started=started))

@@ -137,6 +137,27 @@ def datasets_show(name, registry_file):
         raise click.ClickException(str(e)) from None
 
 
+@cli.command()
+@click.argument("rm_dir")
+@click.option("--input", "input_path", required=True, help="JSONL rows: prompt (instruction/input, prompt or messages) and `response`.")
+@click.option("--output", "output_path", required=True, help="Where to write the rows with a `score` key added.")
+@click.option("--max-length", default=1024, show_default=True, help="Truncate prompt+response to this many tokens.")
+def score(rm_dir, input_path, output_path, max_length):
+    """Score (prompt, response) pairs from a file with a trained reward-model folder."""
+    from rlhf.data import DataError
+    from rlhf.logging_utils import setup_logging
+    from rlhf.manifest import StageError
+
+    setup_logging()
+    from rlhf.stages.rm import score_file
+
+    try:
+        n = score_file(rm_dir, input_path, output_path, max_length)
+    except (DataError, StageError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(f"scored {n} rows -> {output_path}")
+
+
 def main():
     cli(prog_name="rlhf")
 

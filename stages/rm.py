@@ -1,0 +1,189 @@
+"""`rlhf rm`: a reward model (scalar score head) trained with trl's RewardTrainer.
+
+Recipe (InstructGPT): start from the SFT model -- its LoRA adapter keeps training and the score
+head is added as a saved module (LoRA ``modules_to_save=["score"]``) -- and fit the Bradley-Terry
+loss -log sigmoid(r_chosen - r_rejected) on preference pairs rendered with the SFT chat template.
+The folder loads with plain transformers + peft:
+
+    base = AutoModelForSequenceClassification.from_pretrained(BASE, num_labels=1)
+    rm = PeftModel.from_pretrained(base, "runs/demo/rm")   # rm(**tokenizer(text)).logits[:, 0] is the score
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf.config import DataConfig, ModelConfig, TrainConfig, opt
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass
+class RMConfig(ModelConfig, DataConfig, TrainConfig):
+    sft_dir: str = opt("", "The SFT stage folder to start from (its adapter, tokenizer and chat template).")
+    from_base: bool = opt(False, "Start from the bare base model (model_name_or_path) instead of the SFT folder.")
+    center_rewards_coefficient: float | None = opt(None, "Add coef * mean((r_chosen + r_rejected)^2) to keep scores centred (Eisenstein et al. 2023); e.g. 0.01.")
+
+    def validate(self):
+        if not self.dataset:
+            raise ValueError("rm: no dataset given; set `dataset:` to a preference dataset (chosen/rejected)")
+        if not self.from_base and not self.sft_dir:
+            raise ValueError("rm: set sft_dir (the `rlhf sft` output), or from_base: true with model_name_or_path")
+
+
+def tokenize_pairs(examples: list[dict], tokenizer, max_length: int, where: str):
+    """Preference examples -> chosen_ids/rejected_ids; counts truncations and pairs made identical by it."""
+    from datasets import Dataset
+
+    from rlhf.templates import encode_pair
+
+    rows, truncated, same = [], 0, 0
+    for e in examples:
+        chosen, t1 = encode_pair(tokenizer, e["messages"], e["chosen"], max_length)
+        rejected, t2 = encode_pair(tokenizer, e["messages"], e["rejected"], max_length)
+        truncated += t1 and t2
+        if chosen == rejected:
+            same += 1
+            continue
+        rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
+    if truncated:
+        log.warning("rm %s: %d pairs were longer than max_length=%d on both sides and were truncated", where, truncated, max_length)
+    if same:
+        log.warning("rm %s: %d pairs became identical after truncation to max_length=%d and were skipped", where, same, max_length)
+    if not rows:
+        raise ValueError(f"rm {where}: no usable preference pair (all identical after truncation to max_length={max_length})")
+    return Dataset.from_list(rows), {"truncated": truncated, "identical_after_truncation": same}
+
+
+def resolve_parent(cfg: RMConfig) -> tuple[str, list, str | None]:
+    """Base model, adapters to load, and the folder holding the tokenizer/template to use."""
+    from rlhf.loader import AdapterSpec
+    from rlhf.manifest import check_parent
+
+    if cfg.from_base:
+        if not cfg.model_name_or_path:
+            raise ValueError("rm: from_base needs model_name_or_path")
+        return cfg.model_name_or_path, [AdapterSpec("default", trainable=True)], None
+    m = check_parent(cfg.sft_dir, "sft", for_stage="rlhf rm")
+    base = m["base_model"]["path"]
+    if cfg.model_name_or_path and cfg.model_name_or_path != base:
+        check_parent(cfg.sft_dir, "sft", for_stage="rlhf rm", base_model=cfg.model_name_or_path)
+    if m["config"].get("finetuning_type", "lora") != "lora":  # full/freeze SFT saved whole weights: build on them
+        return cfg.sft_dir, [AdapterSpec("default", trainable=True)], cfg.sft_dir
+    return base, [AdapterSpec("default", folder=cfg.sft_dir, trainable=True, modules_to_save=["score"])], cfg.sft_dir
+
+
+def run(cfg: RMConfig) -> str:
+    from transformers import set_seed
+    from trl import RewardConfig, RewardTrainer
+
+    from rlhf.config import to_dict
+    from rlhf.loader import load_model, load_tokenizer
+    from rlhf.manifest import finish_output, last_checkpoint, prepare_output
+    from rlhf.templates import apply_template
+    from rlhf.train_utils import load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
+
+    started = time.time()
+    set_seed(cfg.seed)
+    base, adapters, tok_dir = resolve_parent(cfg)
+    cfg.model_name_or_path = base
+    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
+
+    # --- data, rendered with the SFT folder's chat template
+    tokenizer = load_tokenizer(tok_dir or base, cfg.trust_remote_code)
+    cfg.template = apply_template(tokenizer, "auto" if tok_dir else cfg.template)
+    train, evals, fingerprints = load_train_eval(cfg, kind="preference")
+    train_ds, train_counts = tokenize_pairs(train, tokenizer, cfg.max_length, "train")
+    eval_ds = tokenize_pairs(evals, tokenizer, cfg.max_length, "eval")[0] if evals else None
+    log.info("rm: %d training and %d eval pairs", len(train_ds), len(eval_ds) if eval_ds else 0)
+
+    # --- model: score head on the base, SFT adapter continued, head saved with the adapter
+    model = load_model(cfg, head="score", adapters=adapters if cfg.finetuning_type == "lora" else [], for_training=True)
+
+    # --- train
+    args = RewardConfig(**trainer_kwargs(cfg, work, has_eval=eval_ds is not None), max_length=None,
+                        center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, callbacks=[log_callback(work)])
+    trainer.train(resume_from_checkpoint=last_checkpoint(work) if cfg.resume else None)
+    metrics = {}
+    if eval_ds is not None:
+        res = trainer.evaluate()
+        metrics.update(eval_accuracy=res.get("eval_accuracy"), eval_margin=res.get("eval_margin"))
+
+    # --- save
+    rows = read_log(work)
+    metrics.update(loss_summary(rows), **train_counts)
+    trainer.save_model(str(work))
+    tokenizer.save_pretrained(str(work))
+    trainer.state.save_to_json(str(work / "trainer_state.json"))
+    plot_curves(rows, ["loss", "eval_loss", "eval_accuracy", "eval_margin"], work / "training_curves.png", "reward model")
+    log.info("rm metrics: %s", metrics)
+    return str(finish_output(work, cfg.output_dir, stage="rm", config=to_dict(cfg), base_model=base,
+                             parent=None if cfg.from_base else cfg.sft_dir, datasets=fingerprints, metrics=metrics,
+                             started=started))
+
+
+def load_reward_model(rm_dir: str, quantization: str = "none"):
+    """(model, tokenizer) of a finished RM folder, for scoring."""
+    from rlhf.config import ModelConfig
+    from rlhf.loader import AdapterSpec, load_model, load_tokenizer
+    from rlhf.manifest import check_parent
+
+    m = check_parent(rm_dir, "rm", for_stage="rlhf score")
+    keys = {k: v for k, v in m["config"].items() if k in ModelConfig.__dataclass_fields__}
+    mcfg = ModelConfig(**{**keys, "quantization": quantization, "gradient_checkpointing": False})
+    lora = m["config"].get("finetuning_type", "lora") == "lora"
+    if not lora:
+        mcfg.model_name_or_path = rm_dir
+    model = load_model(mcfg, head="score", adapters=[AdapterSpec("default", folder=rm_dir)] if lora else [], for_training=False)
+    model.eval()
+    tokenizer = load_tokenizer(rm_dir)
+    return model, tokenizer
+
+
+def score_pairs(model, tokenizer, examples: list[dict], responses: list[str], max_length: int = 1024, batch_size: int = 16) -> list[float]:
+    """Scores of (prompt messages, response) pairs under a reward model."""
+    import torch
+
+    from rlhf.templates import encode_pair
+
+    ids = [encode_pair(tokenizer, e["messages"], r, max_length)[0] for e, r in zip(examples, responses)]
+    device = next(model.parameters()).device
+    scores = []
+    with torch.no_grad():
+        for i in range(0, len(ids), batch_size):
+            batch = ids[i : i + batch_size]
+            width = max(map(len, batch))
+            x = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(x)
+            for j, seq in enumerate(batch):  # right padding: the head reads the last non-pad token
+                x[j, : len(seq)] = torch.tensor(seq)
+                mask[j, : len(seq)] = 1
+            scores += model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
+    return scores
+
+
+def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int = 1024) -> int:
+    """Score each row of a JSONL file: prompt fields (instruction/input, prompt, or messages) + `response`.
+
+    Writes the rows with a `score` key added; returns how many were scored.
+    """
+    from rlhf.data import DataError, load_examples
+
+    rows = [json.loads(l) for l in Path(input_path).read_text().splitlines() if l.strip()] if Path(input_path).is_file() else None
+    if rows is None:
+        raise DataError(f"{input_path} does not exist")
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r.get("response"), str):
+            raise DataError(f"{input_path}, row {i}: missing `response` (a string) to score")
+    examples = load_examples([input_path], kind="prompt")
+    model, tokenizer = load_reward_model(rm_dir)
+    scores = score_pairs(model, tokenizer, examples, [r["response"] for r in rows], max_length)
+    with open(output_path, "w") as f:
+        for r, s in zip(rows, scores):
+            f.write(json.dumps({**r, "score": s}) + "\n")
+    return len(rows)

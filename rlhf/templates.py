@@ -1,0 +1,192 @@
+"""Chat templates, and tokenization with label masks.
+
+Masking: for each assistant turn i the conversation is rendered up to turn i with the
+generation prompt (the prefix) and up to and including turn i (the full text); the
+assistant's tokens are full minus prefix, cut just after the end-of-turn token (the
+newline some templates put after it stays masked). Rendering must keep this prefix
+property, or a TemplateError says so. The text is tokenized segment by segment
+(masked, trained, masked, ...) so labels line up with tokens exactly, and
+``encode_prompt`` tokenizes a prompt the way ``encode_sft``/``encode_pair`` do.
+
+End of turn: chatml ends turns with ``<|im_end|>``, llama3 with ``<|eot_id|>``, alpaca
+with ``tokenizer.eos_token``. When a built-in template's marker is not a single token
+of the tokenizer, ``apply_template`` makes the template end turns with
+``tokenizer.eos_token`` instead, so generation can stop on an id. For any template,
+the end-of-turn token is found by rendering a probe conversation: the first token
+after the assistant's text must be a special (added) token.
+
+BOS: only what the template renders (llama3 renders ``bos_token``, e.g.
+``<|begin_of_text|>``; chatml and alpaca render none); text is tokenized with
+``add_special_tokens=False`` so nothing is added twice.
+"""
+from __future__ import annotations
+
+import difflib
+
+TEMPLATES: dict[str, str] = {
+    "chatml": (
+        "{%- set eot = '<|im_end|>' -%}"
+        "{%- for message in messages -%}"
+        "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + eot + '\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
+    ),
+    "llama3": (
+        "{%- set eot = '<|eot_id|>' -%}"
+        "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + eot }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
+    ),
+    "alpaca": (
+        "{%- set eot = eos_token -%}"
+        "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] + '\n\n' }}"
+        "{%- else -%}{{ 'Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n' }}{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{{ '### Instruction:\n' + message['content'] + '\n\n' }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ '### Response:\n' + message['content'] + eot + '\n\n' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '### Response:\n' }}{%- endif -%}"
+    ),
+}
+_MARKERS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}  # alpaca ends turns with eos_token already
+_PROBE = "Zq7 probe reply"
+_PREFIX_BROKEN = ("the chat template breaks the prefix property at {where}: the text up to an assistant turn "
+                  "(with the generation prompt) is not a prefix of the text with the reply, so prompt and reply "
+                  "tokens cannot be told apart; use a built-in template (template: chatml)")
+
+
+class TemplateError(ValueError):
+    """A chat template that cannot be used for masked training; the message says why and what to do."""
+
+
+def apply_template(tokenizer, name: str = "auto") -> str:
+    """Set ``tokenizer.chat_template`` and make sure there is a pad token; return the template's name.
+
+    ``auto`` keeps the tokenizer's own template if it has one (returns ``own``), else uses chatml.
+    ``own`` insists on the tokenizer's template. The pad token, when missing, becomes the eos token.
+    """
+    if tokenizer.eos_token is None:
+        raise TemplateError("the tokenizer has no eos_token; set one (tokenizer.eos_token = ...) before training")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if name in ("auto", "own"):
+        if tokenizer.chat_template:
+            return "own"
+        if name == "own":
+            raise TemplateError("template 'own': the tokenizer has no chat template; pick one of "
+                                f"{', '.join(TEMPLATES)}")
+        name = "chatml"
+    if name not in TEMPLATES:
+        close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise TemplateError(f"unknown template '{name}'; {hint}use auto, own, or one of {', '.join(TEMPLATES)}")
+    template = TEMPLATES[name]
+    marker = _MARKERS.get(name)
+    if marker and len(tokenizer(marker, add_special_tokens=False)["input_ids"]) != 1:
+        # Not one token here: end turns with eos so generation can stop on an id.
+        template = template.replace(f"{{%- set eot = '{marker}' -%}}", "{%- set eot = eos_token -%}")
+    tokenizer.chat_template = template
+    return name
+
+
+def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+    if not tokenizer.chat_template:
+        raise TemplateError("the tokenizer has no chat template; call rlhf.templates.apply_template(tokenizer) first")
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def end_of_turn(tokenizer) -> str:
+    """The token that ends an assistant turn in the tokenizer's chat template (found by rendering a probe)."""
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}]
+    prefix, full = _render(tokenizer, msgs[:1], True), _render(tokenizer, msgs, False)
+    if not full.startswith(prefix):
+        raise TemplateError(_PREFIX_BROKEN.format(where="a probe conversation"))
+    at = full.find(_PROBE, len(prefix))
+    if at < 0:
+        raise TemplateError("the chat template does not render the assistant's reply; use a built-in template "
+                            "(template: chatml)")
+    after = full[at + len(_PROBE):].lstrip()
+    ids = _ids(tokenizer, after)
+    special = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
+    if not ids or ids[0] not in special:
+        raise TemplateError(f"the chat template does not end an assistant turn with a special token (it renders "
+                            f"{after[:30]!r} after the reply), so the model could not learn to stop; use a built-in "
+                            "template (template: chatml)")
+    return tokenizer.convert_ids_to_tokens(ids[0])
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids generation stops on: eos and the template's end-of-turn token."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer))
+    return ids + [eot] if eot not in ids else ids
+
+
+def _assistant_spans(tokenizer, messages) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the [start, end) character span of each assistant turn."""
+    eot = end_of_turn(tokenizer)
+    full = _render(tokenizer, messages, False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        prefix, upto = _render(tokenizer, messages[:i], True), _render(tokenizer, messages[: i + 1], False)
+        if not upto.startswith(prefix) or not full.startswith(upto):
+            raise TemplateError(_PREFIX_BROKEN.format(where=f"message {i + 1}"))
+        k = upto.rfind(eot, len(prefix))
+        if k < 0:
+            raise TemplateError(f"assistant turn at message {i + 1} does not end with the end-of-turn token {eot!r}")
+        start, end = len(prefix), k + len(eot)
+        if spans and start < spans[-1][1]:
+            raise TemplateError("the chat template renders assistant turns out of order")
+        spans.append((start, end))
+    return full, spans
+
+
+def encode_sft(tokenizer, messages, max_length: int, train_on_prompt: bool = False) -> dict | None:
+    """input_ids, labels (-100 where masked) and assistant_masks (1 where trained) for one conversation.
+
+    Every assistant turn is trained, end-of-turn token included; system and user tokens are masked
+    unless ``train_on_prompt``. Longer than ``max_length``: the start is kept. Returns None when no
+    trained token is left after truncation (callers count and drop such examples).
+    """
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("encode_sft needs a conversation with at least one assistant turn")
+    text, spans = _assistant_spans(tokenizer, messages)
+    ids, mask, pos = [], [], 0
+    for start, end in spans:
+        for seg, trained in ((text[pos:start], train_on_prompt), (text[start:end], True)):
+            seg_ids = _ids(tokenizer, seg)
+            ids += seg_ids
+            mask += [int(trained)] * len(seg_ids)
+        pos = end
+    tail = _ids(tokenizer, text[pos:])
+    ids, mask = (ids + tail)[:max_length], (mask + [int(train_on_prompt)] * len(tail))[:max_length]
+    if not any(mask):
+        return None
+    return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)], "assistant_masks": mask}
+
+
+def encode_prompt(tokenizer, messages, max_length: int) -> list[int] | None:
+    """Prompt ids with the generation prompt (the start of the assistant turn); None if over ``max_length``."""
+    ids = _ids(tokenizer, _render(tokenizer, messages, True))
+    return ids if len(ids) <= max_length else None
+
+
+def encode_pair(tokenizer, messages, response: str, max_length: int) -> tuple[list[int], bool]:
+    """Prompt + response as one complete assistant turn (end-of-turn token included); (ids, truncated).
+
+    The prompt part equals ``encode_prompt``'s ids. Longer than ``max_length``: the start is kept.
+    """
+    text, spans = _assistant_spans(tokenizer, list(messages) + [{"role": "assistant", "content": response}])
+    start, end = spans[-1]
+    ids = _ids(tokenizer, text[:start]) + _ids(tokenizer, text[start:end])
+    return ids[:max_length], len(ids) > max_length

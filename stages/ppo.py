@@ -1,0 +1,786 @@
+"""`rlhf ppo`: PPO on one (quantized) base that carries every role as a LoRA adapter.
+
+The recipe follows InstructGPT (Ouyang et al. 2022), trl's PPO v2 docs, and "The N Implementation Details
+of RLHF with PPO" (Huang et al. 2022/2024; cited below as [N-impl]). One PPO step:
+
+    sample `batch_size` prompts -> generate with `policy` (left padding, sampling, cut after the first stop
+    token) -> score the response at its last token with `reward` + score head -> per-token reward
+    -kl_coef * (logp_policy - logp_ref), the score added on the last token -> values from `value` -> GAE
+    -> whitened advantages -> `ppo_epochs` passes over minibatches of `mini_batch_size`: clipped policy loss
+    + vf_coef * clipped value loss -> optimizer step.
+
+Roles on one base (rlhf.loader, base weights stored once): `policy` (trainable, from sft_dir), `ref` (sft_dir,
+frozen), `reward` (rm_dir adapter + its score head, frozen), `value` (rm_dir adapter + a copy of its head,
+trainable; InstructGPT's critic init), or with value_model=shared a value head on the policy's hidden states.
+Steps, save_steps, logging_steps and eval_steps count PPO steps (rollout + update).
+
+Output folder: the policy adapter at the root (``PeftModel.from_pretrained(base, folder)``), ``value/`` (the
+critic in the RM folder's format: adapter + head), tokenizer, manifest, ``train_log.jsonl``,
+``samples.jsonl``, ``training_curves.png``, ``checkpoints/``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
+
+log = logging.getLogger("rlhf")
+
+ROLES = ("policy", "ref", "reward", "value")
+
+
+@dataclass
+class PPOConfig(ModelConfig, DataConfig, TrainConfig):
+    sft_dir: str = opt("", "SFT stage folder: the policy and the KL reference start from its adapter (and tokenizer).")
+    rm_dir: str = opt("", "RM stage folder: its adapter and score head give the reward and initialise the critic.")
+    value_model: str = opt("adapter", "Critic: adapter (a trainable `value` adapter + head initialised from the RM, InstructGPT) or shared (a value head on the policy's hidden states).", choices=["adapter", "shared"])
+    batch_size: int = opt(16, "Prompts per PPO step (rollout batch per process).")
+    mini_batch_size: int = opt(8, "Samples per optimizer step; batch_size / mini_batch_size optimizer steps per PPO epoch.")
+    ppo_epochs: int = opt(4, "Passes over each rollout batch.")
+    max_prompt_length: int = opt(512, "Prompts longer than this (in tokens, template applied) are skipped.")
+    max_new_tokens: int = opt(64, "Longest response (trl's response_length).")
+    temperature: float = opt(0.7, "Sampling temperature; log-probs use the same temperature-scaled logits [N-impl].")
+    top_k: int = opt(0, "Top-k sampling (0: off). Off by default: log-probs are of the full temperature-scaled distribution.")
+    top_p: float = opt(1.0, "Nucleus sampling (1.0: off); see top_k.")
+    missing_eos_penalty: float | None = opt(None, "Subtract this from the score of a response that ends without a stop token (trl).")
+    kl_coef: float = opt(0.05, "Initial coefficient of the per-token KL penalty to the reference (trl's kl_coef).")
+    adaptive_kl: bool = opt(False, "Adapt kl_coef towards kl_target (Ziegler et al. 2019).")
+    kl_target: float = opt(6.0, "Target KL (nats per response) of the adaptive controller.")
+    kl_horizon: int = opt(10000, "Horizon (in samples) of the adaptive controller.")
+    kl_estimator: str = opt("k1", "Per-token KL estimator: k1 (log-ratio, trl's default) or k3 (unbiased, never negative).", choices=["k1", "k3"])
+    score_norm: str = opt("none", "Score normalisation by running statistics of all scores so far: none, scale (divide by std; trl's use_score_scaling) or normalize (also subtract the mean; use_score_norm).", choices=["none", "scale", "normalize"])
+    score_clip: float | None = opt(None, "Clip (normalised) scores to [-score_clip, score_clip].")
+    gamma: float = opt(1.0, "Discount factor.")
+    lam: float = opt(0.95, "GAE lambda.")
+    cliprange: float = opt(0.2, "Policy ratio clip range.")
+    cliprange_value: float = opt(0.2, "Value clip range.")
+    vf_coef: float = opt(0.1, "Weight of the value loss.")
+    whiten_advantages: bool = opt(True, "Whiten advantages over the rollout's response tokens [N-impl].")
+    sample_every: int = opt(10, "Write prompt/response/score samples to samples.jsonl every N PPO steps (0: never).")
+    eval_samples: int = opt(64, "Held-out prompts scored (mean reward and task metric) at the start, every eval_steps and at the end (0: off).")
+    # TrainConfig fields with a PPO meaning
+    learning_rate: float = opt(1.41e-5, "Peak learning rate (trl's PPO default).")
+    lr_scheduler_type: str = opt("linear", "Learning-rate schedule over all optimizer steps (linear anneals to 0 [N-impl]).")
+    max_steps: int = opt(-1, "PPO steps (-1: num_train_epochs passes over the prompts).")
+    num_train_epochs: float = opt(1.0, "Passes over the prompts when max_steps is -1.")
+    per_device_train_batch_size: int = opt(4, "Micro-batch of the PPO update; mini_batch_size / per_device_train_batch_size micro-batches accumulate per optimizer step.")
+    per_device_eval_batch_size: int = opt(16, "Batch of the no-grad passes (generation, reference, reward, value).")
+    gradient_accumulation_steps: int = opt(1, "Not set in PPO: accumulation is mini_batch_size / per_device_train_batch_size.")
+    logging_steps: int = opt(1, "Print a log line every N PPO steps (train_log.jsonl has every step).")
+    save_steps: int = opt(50, "Write a checkpoint every N PPO steps.")
+
+    def validate(self):
+        def bad(key, why):
+            raise ConfigError(f"ppo: key '{key}' {why}")
+
+        if self.batch_size % self.mini_batch_size:
+            bad("mini_batch_size", f"({self.mini_batch_size}) must divide batch_size ({self.batch_size})")
+        if self.mini_batch_size % self.per_device_train_batch_size:
+            bad("per_device_train_batch_size", f"({self.per_device_train_batch_size}) must divide mini_batch_size ({self.mini_batch_size})")
+        if self.gradient_accumulation_steps != 1:
+            bad("gradient_accumulation_steps", "is derived in PPO (mini_batch_size / per_device_train_batch_size); set mini_batch_size instead")
+        if self.temperature <= 0:
+            bad("temperature", f"must be > 0 (got {self.temperature}); PPO samples its responses")
+        for key in ("max_new_tokens", "max_prompt_length", "ppo_epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                bad(key, f"must be >= 1 (got {getattr(self, key)})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The algorithm on tensors. Shapes: (B, R) over response tokens; `mask` is 1 on real tokens (up to and including the
+# first stop token), 0 after.
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (unbiased variance, as trl); entries outside the mask become 0."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(policy || ref) estimate on the sampled tokens: k1 = log-ratio; k3 = (r - 1) - log r with
+    r = p_ref / p_policy (Schulman, "Approximating KL divergence", 2020)."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token reward: -kl_coef * KL on every response token, plus the score on the last real one (InstructGPT eq. 2)."""
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016): (advantages, returns). The value after the last real
+    token is 0 (the episode ends there)."""
+    rewards, values = rewards * mask, values * mask
+    steps = rewards.shape[1]
+    last, advantages = torch.zeros_like(rewards[:, 0]), []
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages.append(last)
+    advantages = torch.stack(advantages[::-1], dim=1) * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logp, old_logp, advantages, mask, cliprange: float):
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), token mean over the response (trl's PPO v2).
+
+    Returns (loss, stats): clip fraction and approx KL (0.5 * mean log-ratio^2) [N-impl]."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"policy_clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+                 "approx_kl": (0.5 * masked_mean(log_ratio**2, mask)).item()}
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float):
+    """Clipped value loss [N-impl, "value function loss clipping"]: 0.5 * max((v - R)^2, (v_clip - R)^2), with the
+    new value kept within cliprange_value of the rollout's value."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
+    with torch.no_grad():
+        stats = {"value_clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask).item()}
+    return loss, stats
+
+
+class KLController:
+    """Fixed kl_coef, or adaptive (Ziegler et al. 2019, sec. 2.2): coef *= 1 + clip(KL/target - 1, +-0.2) * n/horizon,
+    with n the samples of the step."""
+
+    def __init__(self, value: float, target: float | None = None, horizon: int | None = None):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        if self.target is None:
+            return
+        error = max(-0.2, min(0.2, kl / self.target - 1.0))
+        self.value *= 1.0 + error * n_samples / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class ScoreNormalizer:
+    """Running mean/std of every score seen (parallel Welford), then scale or normalize, then clip (trl v1's
+    use_score_scaling / use_score_norm / score_clip)."""
+
+    def __init__(self, mode: str = "none", clip: float | None = None):
+        self.mode, self.clip = mode, clip
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.mode != "none":
+            n, mean = len(scores), scores.mean().item()
+            m2 = ((scores - mean) ** 2).sum().item()
+            delta, total = mean - self.mean, self.count + n
+            self.mean += delta * n / total
+            self.m2 += m2 + delta**2 * self.count * n / total
+            self.count = total
+            std = math.sqrt(self.m2 / max(self.count - 1, 1)) + 1e-8
+            scores = scores / std if self.mode == "scale" else (scores - self.mean) / std
+        if self.clip is not None:
+            scores = scores.clamp(-self.clip, self.clip)
+        return scores
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The roles on one base
+
+
+def backbone(model):
+    """The transformer under the LM head of a (PEFT-wrapped) causal LM, e.g. LlamaForCausalLM.model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix)
+
+
+class OneBase:
+    """The PPO roles as named adapters of one PeftModel; reward and value read a scalar head off the backbone's last
+    hidden state. `use(name)` switches the adapter and keeps the requires_grad flags the loader set (peft's
+    set_adapter alone would freeze every other adapter, the trainable ones included)."""
+
+    def __init__(self, model, reward_head, value_head, shared_value: bool, temperature: float):
+        import inspect
+
+        self.model, self.reward_head, self.value_head = model, reward_head, value_head
+        self.shared_value, self.temperature = shared_value, temperature
+        self.trainable = ["policy"] if shared_value else ["policy", "value"]
+        self.params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+        named = {id(p) for n, p in model.named_parameters() if any(f".{r}." in n for r in self.trainable)}
+        if {id(p) for p in self.params[: len(self.params) - len(list(value_head.parameters()))]} != named:
+            raise RuntimeError(f"the loader left other parameters than the {self.trainable} adapters trainable")
+        params = inspect.signature(model.get_base_model().forward).parameters
+        self.pass_positions = "position_ids" in params
+        self.keep_logits = "logits_to_keep" in params
+
+    def use(self, name: str) -> None:
+        from rlhf.loader import set_active_adapter
+
+        set_active_adapter(self.model, name)
+
+    def _inputs(self, ids, attn):
+        kw = {"input_ids": ids, "attention_mask": attn}
+        if self.pass_positions:  # left padding: positions count real tokens only, as generate() does
+            kw["position_ids"] = (attn.cumsum(1) - 1).clamp(min=0)
+        return kw
+
+    def policy_forward(self, ids, attn, width: int, adapter: str = "policy", entropy: bool = False):
+        """Log-probs (temperature-scaled) of the last `width` tokens, their entropy, and the shared value if any."""
+        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+        self.use(adapter)
+        kw = self._inputs(ids, attn)
+        if self.keep_logits:
+            kw["logits_to_keep"] = width + 1
+        out = self.model(**kw, output_hidden_states=self.shared_value and adapter == "policy", use_cache=False)
+        logits = out.logits[:, -width - 1 : -1].float() / self.temperature  # [N-impl]: same temperature as sampling
+        logp = selective_log_softmax(logits, ids[:, -width:])
+        ent = entropy_from_logits(logits.detach()) if entropy else None
+        values = None
+        if out.hidden_states is not None:
+            hidden = out.hidden_states[-1][:, -width - 1 : -1]
+            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
+        return logp, ent, values
+
+    def head_forward(self, ids, attn, adapter: str, head) -> torch.Tensor:
+        """head(backbone hidden state) at every position, with `adapter` active: (B, T)."""
+        self.use(adapter)
+        hidden = backbone(self.model)(**self._inputs(ids, attn), use_cache=False).last_hidden_state
+        return head(hidden.to(head.weight.dtype)).squeeze(-1)
+
+    def values(self, ids, attn, width: int) -> torch.Tensor:
+        """The critic's value of each state before a response token: (B, width)."""
+        if self.shared_value:
+            return self.policy_forward(ids, attn, width)[2]
+        return self.head_forward(ids, attn, "value", self.value_head)[:, -width - 1 : -1]
+
+    def scores(self, ids, attn, last: torch.Tensor) -> torch.Tensor:
+        """Reward-model score at each row's last real token (index `last` into the sequence)."""
+        s = self.head_forward(ids, attn, "reward", self.reward_head)
+        return s[torch.arange(len(ids)), last]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rollout
+
+
+def left_pad(prompts: list[list[int]], pad_id: int):
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        attn[i, width - len(p) :] = 1
+    return ids, attn
+
+
+def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, ended): mask is 1 up to and including the first stop token (the whole row if none); ended says
+    whether the row has a stop token."""
+    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
+    ended = is_stop.any(1)
+    first = torch.where(ended, is_stop.int().argmax(1), responses.shape[1] - 1)
+    mask = (torch.arange(responses.shape[1], device=responses.device)[None] <= first[:, None]).long()
+    return mask, ended
+
+
+@torch.no_grad()
+def generate(roles: OneBase, prompts: list[list[int]], tokenizer, stop_ids, cfg: PPOConfig, do_sample: bool = True):
+    """Sample responses with the policy. Returns (ids, attn, response_mask, ended) with ids = left-padded prompt +
+    response, tokens after the first stop token replaced by pad and masked out (trl's truncate_response)."""
+    from transformers import GenerationConfig
+
+    model, device = roles.model, roles.value_head.weight.device
+    roles.use("policy")
+    model.eval()
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=do_sample, temperature=cfg.temperature if do_sample else None,
+                           top_k=cfg.top_k if do_sample else None, top_p=cfg.top_p if do_sample else None,
+                           eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
+    pad = tokenizer.pad_token_id
+    q_ids, q_attn = left_pad(prompts, pad)
+    chunks = []
+    for i in range(0, len(prompts), cfg.per_device_eval_batch_size):
+        ids, attn = q_ids[i : i + cfg.per_device_eval_batch_size].to(device), q_attn[i : i + cfg.per_device_eval_batch_size].to(device)
+        chunks.append(model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)[:, q_ids.shape[1] :])
+    width = max(c.shape[1] for c in chunks)
+    responses = torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad) for c in chunks])
+    mask, ended = response_mask(responses, stop_ids)
+    responses = responses.masked_fill(mask == 0, pad)
+    ids = torch.cat([q_ids.to(device), responses], 1)
+    attn = torch.cat([q_attn.to(device), mask], 1)
+    return ids, attn, mask, ended
+
+
+def chunked(fn, n: int, size: int, *tensors):
+    """fn over row chunks of `tensors`, results concatenated."""
+    return torch.cat([fn(*(t[i : i + size] for t in tensors)) for i in range(0, n, size)])
+
+
+@torch.no_grad()
+def score_responses(roles: OneBase, ids, attn, mask, ended, cfg: PPOConfig) -> torch.Tensor:
+    """Reward-model scores at each response's last real token, minus the missing-EOS penalty (trl)."""
+    last = ids.shape[1] - mask.shape[1] + mask.sum(1) - 1
+    scores = chunked(roles.scores, len(ids), cfg.per_device_eval_batch_size, ids, attn, last).float()
+    if cfg.missing_eos_penalty is not None:
+        scores = scores - cfg.missing_eos_penalty * (~ended).float()
+    return scores
+
+
+@torch.no_grad()
+def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl: KLController, score_norm: ScoreNormalizer, step: int):
+    """Generate, score, and compute advantages for one batch of prompts: a dict of tensors and stats."""
+    ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg)
+    width, n, size = mask.shape[1], len(ids), cfg.per_device_eval_batch_size
+    fmask = mask.float()
+    logp = chunked(lambda i, a: roles.policy_forward(i, a, width)[0], n, size, ids, attn)
+    ref_logp = chunked(lambda i, a: roles.policy_forward(i, a, width, adapter="ref")[0], n, size, ids, attn)
+    values = chunked(lambda i, a: roles.values(i, a, width), n, size, ids, attn).float()
+    raw_scores = score_responses(roles, ids, attn, mask, ended, cfg)
+    if not torch.isfinite(raw_scores).all():
+        raise FloatingPointError(f"the reward model returned {raw_scores[~torch.isfinite(raw_scores)][0].item()} at PPO step {step}")
+    scores = score_norm(raw_scores)
+    kl = kl_penalty(logp, ref_logp, cfg.kl_estimator) * fmask
+    rewards = token_rewards(kl, scores, fmask, kl_ctl.value)
+    advantages, returns = gae(rewards, values, fmask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = masked_whiten(advantages, fmask)
+    lengths = mask.sum(1).float()
+    stats = {
+        "score_mean": raw_scores.mean().item(), "score_std": raw_scores.std().item() if n > 1 else 0.0,
+        "kl": kl.sum(1).mean().item(), "non_score_reward": (rewards.sum(1) - scores).mean().item(),
+        "response_length": lengths.mean().item(), "eos_share": ended.float().mean().item(),
+        "value_mean": masked_mean(values, fmask).item(), "return_mean": masked_mean(returns, fmask).item(),
+        "kl_coef": kl_ctl.value,
+    }
+    batch = dict(ids=ids, attn=attn, mask=fmask, logp=logp, values=values * fmask, advantages=advantages, returns=returns)
+    return batch, stats, raw_scores
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Update: PPO epochs over minibatches; the loss is policy_loss + vf_coef * value_loss (above).
+
+
+def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler, accelerator, params) -> dict:
+    n, width = len(batch["ids"]), batch["mask"].shape[1]
+    micro = cfg.per_device_train_batch_size
+    roles.model.train()  # dropout is off (disable_dropout_in_model); train mode only enables gradient checkpointing
+    sums: dict[str, list[float]] = {}
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n)
+        for start in range(0, n, cfg.mini_batch_size):
+            optimizer.zero_grad(set_to_none=True)
+            for m0 in range(start, start + cfg.mini_batch_size, micro):
+                mb = {k: v[order[m0 : m0 + micro]] for k, v in batch.items()}
+                share = micro / cfg.mini_batch_size  # gradient accumulation
+                # Each role's loss is backpropagated right after its forward: with gradient checkpointing the
+                # recomputation must run with the same adapter active.
+                with accelerator.autocast():
+                    logp, ent, shared_values = roles.policy_forward(mb["ids"], mb["attn"], width, entropy=True)
+                pg, stats = policy_loss(logp.float(), mb["logp"], mb["advantages"], mb["mask"], cfg.cliprange)
+                if shared_values is not None:  # one graph: loss = pg + vf_coef * vf
+                    vf, vstats = value_loss(shared_values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
+                    accelerator.backward((pg + cfg.vf_coef * vf) * share)
+                else:  # two adapters, two graphs: the same gradients as one backward of pg + vf_coef * vf
+                    accelerator.backward(pg * share)
+                    with accelerator.autocast():
+                        values = roles.values(mb["ids"], mb["attn"], width)
+                    vf, vstats = value_loss(values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
+                    accelerator.backward(cfg.vf_coef * vf * share)
+                stats.update(vstats, policy_loss=pg.item(), value_loss=vf.item(), entropy=masked_mean(ent, mb["mask"]).item())
+                for k, v in stats.items():
+                    sums.setdefault(k, []).append(v)
+            if accelerator.num_processes > 1:  # data parallel: average gradients (the model is not DDP-wrapped)
+                for p in params:
+                    if p.grad is not None:
+                        p.grad = accelerator.reduce(p.grad, "mean")
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            sums.setdefault("grad_norm", []).append(float(grad_norm))
+            optimizer.step()
+            scheduler.step()
+    return {k: sum(v) / len(v) for k, v in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and the saved roles
+
+
+def save_adapter(model, name: str, folder: Path, extra: dict | None = None, **config_changes) -> None:
+    """Adapter `name` as a plain PEFT folder (adapter_config.json + adapter_model.safetensors); `extra` tensors
+    (e.g. a head as modules_to_save weights) go into the same file, `config_changes` into its config."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
+    state.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config[name])
+    config.inference_mode = True
+    for k, v in config_changes.items():
+        setattr(config, k, v)
+    config.save_pretrained(str(folder))
+
+
+def load_adapter_weights(model, name: str, folder: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if "lora_" in k}
+    result = set_peft_model_state_dict(model, state, adapter_name=name)
+    missing = [k for k in result.unexpected_keys if "lora_" in k]
+    if missing:
+        raise RuntimeError(f"{folder}: {len(missing)} adapter weights do not fit the model (e.g. {missing[0]})")
+
+
+def head_state(head: torch.nn.Linear) -> dict:
+    """The value head under the key the RM folder's score head has (LoRA modules_to_save=["score"])."""
+    return {f"base_model.model.score.{k}": v for k, v in head.state_dict().items()}
+
+
+def save_value(roles: OneBase, folder: Path) -> None:
+    if roles.shared_value:
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
+    else:
+        # the RM folder's format: AutoModelForSequenceClassification + PeftModel.from_pretrained(.., folder) is the critic
+        save_adapter(roles.model, "value", folder, extra=head_state(roles.value_head), task_type="SEQ_CLS", modules_to_save=["score"])
+
+
+def load_value(roles: OneBase, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    if roles.shared_value:
+        state = load_file(str(folder / "value_head.safetensors"))
+    else:
+        load_adapter_weights(roles.model, "value", folder)
+        prefix = "base_model.model.score."
+        state = {k[len(prefix) :]: v for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if k.startswith(prefix)}
+    roles.value_head.load_state_dict(state)
+
+
+def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, limit: int | None) -> Path:
+    ckpt = work / "checkpoints" / f"checkpoint-{step}"
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_adapter(roles.model, "policy", tmp / "policy")
+    save_value(roles, tmp / "value")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    import numpy as np
+
+    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / "rng_state.pth")
+    (tmp / "trainer_state.json").write_text(json.dumps(
+        {"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}, indent=2))
+    shutil.rmtree(ckpt, ignore_errors=True)
+    os.replace(tmp, ckpt)  # a checkpoint folder is complete or absent
+    if limit:
+        ckpts = sorted((work / "checkpoints").glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
+        for old in ckpts[:-limit]:
+            shutil.rmtree(old)
+    return ckpt
+
+
+def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm) -> int:
+    import numpy as np
+
+    load_adapter_weights(roles.model, "policy", ckpt / "policy")
+    load_value(roles, ckpt / "value")
+    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(opt_state["optimizer"])
+    scheduler.load_state_dict(opt_state["scheduler"])
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    score_norm.load_state_dict(state["score_norm"])
+    rng = torch.load(ckpt / "rng_state.pth", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state["step"]
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop rows logged after `step` (a run killed after its last checkpoint)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def prompt_order(step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Prompt indices of a PPO step: epochs of seeded shuffles, deterministic in (seed, step) so --resume needs no
+    sampler state; each process takes its own slice."""
+    start = (step * world + rank) * batch
+    out = []
+    for i in range(start, start + batch):
+        epoch = i // n
+        perm = list(range(n))
+        random.Random(seed * 100003 + epoch).shuffle(perm)
+        out.append(perm[i % n])
+    return out
+
+
+def encode_prompts(tokenizer, examples: list[dict], max_len: int, what: str) -> tuple[list[list[int]], list[dict]]:
+    from rlhf.templates import encode_prompt
+
+    kept = [(ids, e) for e in examples if (ids := encode_prompt(tokenizer, e["messages"], max_len))]
+    if examples and not kept:
+        raise ConfigError(
+            f"ppo: every one of the {len(examples)} prompts of {what} is longer than max_prompt_length={max_len} tokens "
+            f"(chat template applied); raise max_prompt_length or use shorter prompts")
+    if len(kept) < len(examples):
+        log.warning("ppo: %d of %d prompts of %s are longer than max_prompt_length=%d and are skipped",
+                    len(examples) - len(kept), len(examples), what, max_len)
+    return [k[0] for k in kept], [k[1] for k in kept]
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float):
+    if name in ("adamw_torch", "adamw_torch_fused", "adamw"):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False)
+    bnb_names = {"adamw_bnb_8bit": "AdamW8bit", "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
+                 "paged_adamw_32bit": "PagedAdamW32bit"}
+    if name in bnb_names:
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, bnb_names[name])(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"ppo: key 'optim' must be one of adamw_torch, sgd, adafactor, {', '.join(bnb_names)}; got {name!r}")
+
+
+def build_roles(cfg: PPOConfig):
+    """Load the one base with its adapters and heads (rlhf.loader)."""
+    from trl.trainer.utils import disable_dropout_in_model
+
+    from rlhf.loader import AdapterSpec, load_model, load_score_head
+
+    adapters = [AdapterSpec("policy", cfg.sft_dir, trainable=True), AdapterSpec("ref", cfg.sft_dir),
+                AdapterSpec("reward", cfg.rm_dir)]
+    if cfg.value_model == "adapter":
+        adapters.append(AdapterSpec("value", cfg.rm_dir, trainable=True))
+    model = load_model(cfg, head="lm", adapters=adapters, for_training=True)
+    disable_dropout_in_model(model)  # [N-impl]: dropout would make the rollout and update log-probs disagree
+    reward_head = load_score_head(cfg.rm_dir)
+    device = next(p for p in model.parameters()).device
+    reward_head = reward_head.float().to(device).requires_grad_(False)
+    if cfg.value_model == "adapter":
+        value_head = copy.deepcopy(reward_head).requires_grad_(True)  # InstructGPT: critic initialised from the RM
+    else:
+        value_head = torch.nn.Linear(reward_head.in_features, 1, bias=reward_head.bias is not None).to(device)
+        torch.nn.init.zeros_(value_head.weight)
+        if value_head.bias is not None:
+            torch.nn.init.zeros_(value_head.bias)
+    return OneBase(model, reward_head, value_head, cfg.value_model == "shared", cfg.temperature)
+
+
+@torch.no_grad()
+def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig, metric: str | None, seed: int) -> dict:
+    """Mean reward and task metric on held-out prompts: sampled (PPO's temperature, fixed seed) and greedy."""
+    from rlhf.evaluate import metric_fn
+
+    out = {}
+    for mode, sample in (("", True), ("_greedy", False)):
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            torch.manual_seed(seed)
+            ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg, do_sample=sample)
+        scores = score_responses(roles, ids, attn, mask, ended, cfg)
+        out[f"eval_reward{mode}"] = scores.mean().item()
+        out[f"eval_eos_share{mode}"] = ended.float().mean().item()
+        if metric:
+            texts = decode(tokenizer, ids[:, -mask.shape[1] :], mask)
+            out[f"eval_task_metric{mode}"] = float(metric_fn(metric)(metas, texts))
+    return out
+
+
+def decode(tokenizer, responses, mask) -> list[str]:
+    return [tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True) for r, m in zip(responses.tolist(), mask)]
+
+
+def plot(rows: list[dict], png: Path) -> None:
+    from rlhf.train_utils import plot_curves
+
+    plot_curves(rows, ["score_mean", "kl", "eval_reward", "eval_task_metric", "eos_share", "response_length"], png, "ppo")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def run(cfg: PPOConfig) -> str:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler, set_seed
+
+    from rlhf.config import to_dict
+    from rlhf.loader import load_tokenizer
+    from rlhf.manifest import check_parent, finish_output, last_checkpoint, prepare_output
+    from rlhf.templates import apply_template, stop_token_ids
+    from rlhf.train_utils import LOG_FILE, dataset_metric, load_train_eval, read_log
+
+    started = time.time()
+    # --- parents: SFT and RM on the same base
+    sft = check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo")
+    cfg.model_name_or_path = cfg.model_name_or_path or sft["base_model"]["path"]
+    check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo", base_model=cfg.model_name_or_path)
+    check_parent(cfg.rm_dir, "rm", for_stage="rlhf ppo", base_model=cfg.model_name_or_path)
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no")
+    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        raise ConfigError("rlhf ppo runs data-parallel (one base per process, gradients averaged); launch it without "
+                          "DeepSpeed/FSDP (e.g. configs/accelerate/multi_gpu.yaml)")
+    set_seed(cfg.seed + accelerator.process_index)
+
+    # --- data (checked before the working folder is made)
+    tokenizer = load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
+    cfg.template = apply_template(tokenizer, sft["config"].get("template", "auto") if cfg.template == "auto" else cfg.template)
+    stop_ids = stop_token_ids(tokenizer)
+    train, evals, fingerprints = load_train_eval(cfg, kind="prompt")
+    prompts, _ = encode_prompts(tokenizer, train, cfg.max_prompt_length, "dataset " + ",".join(cfg.dataset))
+    eval_prompts, eval_rows = encode_prompts(tokenizer, evals[: cfg.eval_samples], cfg.max_prompt_length, "eval_dataset")
+    metric = dataset_metric(cfg.eval_dataset or cfg.dataset, cfg.registry_file) if eval_rows else None
+    eval_metas = [e["meta"] for e in eval_rows]
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(prompts) * cfg.num_train_epochs / (cfg.batch_size * accelerator.num_processes))
+    log.info("ppo: %d prompts, %d held-out, %d PPO steps of %d prompts, template %s", len(prompts), len(eval_prompts), total_steps, cfg.batch_size, cfg.template)
+    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
+
+    # --- model: one base, four roles
+    roles = build_roles(cfg)
+    params = roles.params
+    optimizer = accelerator.prepare(make_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay))
+    updates = total_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates), num_training_steps=updates)
+    kl_ctl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
+    score_norm = ScoreNormalizer(cfg.score_norm, cfg.score_clip)
+    log_file, samples_file = work / LOG_FILE, work / "samples.jsonl"
+    step, metrics = 0, {}
+    if cfg.resume and (ckpt := last_checkpoint(work)):
+        step = load_checkpoint(Path(ckpt), roles, optimizer, scheduler, kl_ctl, score_norm)
+        for f in (log_file, samples_file):
+            truncate_jsonl(f, step)
+        log.info("ppo: resumed from %s (step %d)", ckpt, step)
+    main = accelerator.is_main_process
+
+    def write(path: Path, row: dict):
+        if main:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def run_eval(tag: str) -> dict:
+        if not eval_prompts:
+            return {}
+        res = evaluate(roles, eval_prompts, eval_metas, tokenizer, stop_ids, cfg, metric, seed=cfg.seed)
+        write(log_file, {"step": step, **res})
+        log.info("ppo eval (%s, step %d): %s", tag, step, {k: round(v, 4) for k, v in res.items()})
+        return res
+
+    if step == 0:
+        metrics.update({f"{k}_before": v for k, v in run_eval("start").items()})
+    else:  # resumed: the start-of-run evaluation is in the log
+        start_eval = next((r for r in read_log(work) if r["step"] == 0), {})
+        metrics.update({f"{k}_before": v for k, v in start_eval.items() if k.startswith("eval_")})
+
+    # --- loop
+    bar = tqdm(total=total_steps, initial=step, desc="ppo", disable=not main)
+    last_saved = step
+    while step < total_steps:
+        t0 = time.time()
+        idx = prompt_order(step, len(prompts), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        batch, stats, scores = rollout(roles, [prompts[i] for i in idx], tokenizer, stop_ids, cfg, kl_ctl, score_norm, step + 1)
+        t1 = time.time()
+        stats.update(ppo_update(roles, batch, cfg, optimizer, scheduler, accelerator, params))
+        step += 1
+        stats = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in stats.items()}
+        kl_ctl.update(stats["kl"], cfg.batch_size * accelerator.num_processes)
+        t2 = time.time()
+        stats.update(step=step, lr=scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_update=t2 - t1,
+                     tokens_per_s=batch["mask"].sum().item() / (t2 - t0))
+        write(log_file, stats)
+        bar.update(1)
+        bar.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.3f}", eos=f"{stats['eos_share']:.2f}")
+        if step % cfg.logging_steps == 0 and main:
+            log.info("ppo step %d: %s", step, {k: round(v, 4) for k, v in stats.items() if k != "step"})
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
+            texts = decode(tokenizer, batch["ids"][:, -batch["mask"].shape[1] :], batch["mask"])
+            for i in range(min(4, len(idx))):
+                write(samples_file, {"step": step, "prompt": tokenizer.decode(prompts[idx[i]]), "response": texts[i], "score": scores[i].item()})
+        if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
+            run_eval(f"step {step}")
+        if step % cfg.save_steps == 0 and main:
+            save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit)
+            last_saved = step
+    bar.close()
+
+    # --- save
+    metrics.update({f"{k}_after": v for k, v in run_eval("end").items()})
+    if main:
+        if last_saved != step:
+            save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit)
+        save_adapter(roles.model, "policy", work)  # the policy at the folder root: PeftModel.from_pretrained(base, folder)
+        save_value(roles, work / "value")
+        tokenizer.save_pretrained(str(work))
+        rows = read_log(work)
+        train_rows = [r for r in rows if "score_mean" in r]
+        if train_rows:
+            metrics.update(score_first=train_rows[0]["score_mean"], score_last=train_rows[-1]["score_mean"],
+                           kl_last=train_rows[-1]["kl"], eos_share_last=train_rows[-1]["eos_share"])
+        metrics["steps"] = step
+        (work / "trainer_state.json").write_text(json.dumps({"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}, indent=2))
+        plot(rows, work / "training_curves.png")
+        log.info("ppo metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        out = finish_output(work, cfg.output_dir, stage="ppo", config=to_dict(cfg), base_model=cfg.model_name_or_path,
+                            parent=cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started)
+    accelerator.wait_for_everyone()
+    return str(Path(cfg.output_dir))

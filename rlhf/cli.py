@@ -40,10 +40,7 @@ class StageCommand(click.Command):
             f"    rlhf {name} configs/demo/{name}.yaml --learning-rate 1e-4 --lora-target q_proj,v_proj",
             short_help=short,
             context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
-            params=[
-                click.Argument(["config"], required=False),
-                click.Option(["--help", "-h"], is_flag=True, help="Show every config key and exit."),
-            ],
+            params=[click.Option(["--help", "-h"], is_flag=True, help="Show every config key and exit.")],
             callback=self.run,
         )
 
@@ -57,15 +54,20 @@ class StageCommand(click.Command):
         with formatter.section("Config keys (YAML key or --option)"):
             formatter.write_dl(rows)
 
-    def run(self, config, help):
+    def collect_usage_pieces(self, ctx):
+        return ["[CONFIG.yaml]", "[--key value ...]"]
+
+    def run(self, help):
         ctx = click.get_current_context()
         if help:
             click.echo(ctx.get_help())
             ctx.exit()
         from rlhf.config import ConfigError, load_config, parse_overrides
 
+        args = list(ctx.args)
+        config = args.pop(0) if args and not args[0].startswith("-") and "=" not in args[0] else None
         try:
-            cfg = load_config(self.config_class(), config, parse_overrides(ctx.args))
+            cfg = load_config(self.config_class(), config, parse_overrides(args))
         except ConfigError as e:
             raise click.UsageError(str(e)) from None
         _run_stage(self.module, cfg)

@@ -91,8 +91,8 @@ def run(cfg: SFTConfig) -> str:
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[log_callback(work)])
     trainer.train(resume_from_checkpoint=last_checkpoint(work) if cfg.resume else None)
-    if eval_ds is not None:
-        trainer.evaluate()
+    if eval_ds is not None and not any(r.get("step") == trainer.state.global_step and "eval_loss" in r for r in read_log(work)):
+        trainer.evaluate()  # the final eval loss, unless the schedule just logged it
 
     # --- save
     metrics.update(loss_summary(read_log(work)), task_metric_after=task_score())

@@ -20,6 +20,7 @@ critic in the RM folder's format: adapter + head), tokenizer, manifest, ``train_
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -241,11 +242,12 @@ class OneBase:
     hidden state. `use(name)` switches the adapter and keeps the requires_grad flags the loader set (peft's
     set_adapter alone would freeze every other adapter, the trainable ones included)."""
 
-    def __init__(self, model, reward_head, value_head, shared_value: bool, temperature: float):
+    def __init__(self, model, reward_head, value_head, shared_value: bool, temperature: float, autocast=contextlib.nullcontext):
         import inspect
 
         self.model, self.reward_head, self.value_head = model, reward_head, value_head
         self.shared_value, self.temperature = shared_value, temperature
+        self.autocast = autocast  # accelerate's mixed-precision context: the same in rollout and update
         self.trainable = ["policy"] if shared_value else ["policy", "value"]
         self.params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
         named = {id(p) for n, p in model.named_parameters() if any(f".{r}." in n for r in self.trainable)}
@@ -274,7 +276,8 @@ class OneBase:
         kw = self._inputs(ids, attn)
         if self.keep_logits:
             kw["logits_to_keep"] = width + 1
-        out = self.model(**kw, output_hidden_states=self.shared_value and adapter == "policy", use_cache=False)
+        with self.autocast():
+            out = self.model(**kw, output_hidden_states=self.shared_value and adapter == "policy", use_cache=False)
         logits = out.logits[:, -width - 1 : -1].float() / self.temperature  # [N-impl]: same temperature as sampling
         logp = selective_log_softmax(logits, ids[:, -width:])
         ent = entropy_from_logits(logits.detach()) if entropy else None
@@ -287,7 +290,8 @@ class OneBase:
     def head_forward(self, ids, attn, adapter: str, head) -> torch.Tensor:
         """head(backbone hidden state) at every position, with `adapter` active: (B, T)."""
         self.use(adapter)
-        hidden = backbone(self.model)(**self._inputs(ids, attn), use_cache=False).last_hidden_state
+        with self.autocast():
+            hidden = backbone(self.model)(**self._inputs(ids, attn), use_cache=False).last_hidden_state
         return head(hidden.to(head.weight.dtype)).squeeze(-1)
 
     def values(self, ids, attn, width: int) -> torch.Tensor:
@@ -374,9 +378,14 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
     ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg)
     width, n, size = mask.shape[1], len(ids), cfg.per_device_eval_batch_size
     fmask = mask.float()
-    logp = chunked(lambda i, a: roles.policy_forward(i, a, width)[0], n, size, ids, attn)
-    ref_logp = chunked(lambda i, a: roles.policy_forward(i, a, width, adapter="ref")[0], n, size, ids, attn)
-    values = chunked(lambda i, a: roles.values(i, a, width), n, size, ids, attn).float()
+    logp, ref_logp, values = [], [], []
+    for i in range(0, n, size):
+        chunk = ids[i : i + size], attn[i : i + size]
+        lp, _, v = roles.policy_forward(*chunk, width)  # v: the shared value head, if that is the critic
+        logp.append(lp)
+        ref_logp.append(roles.policy_forward(*chunk, width, adapter="ref")[0])
+        values.append(v if v is not None else roles.values(*chunk, width))
+    logp, ref_logp, values = torch.cat(logp), torch.cat(ref_logp), torch.cat(values).float()
     raw_scores = score_responses(roles, ids, attn, mask, ended, cfg)
     if not torch.isfinite(raw_scores).all():
         raise FloatingPointError(f"the reward model returned {raw_scores[~torch.isfinite(raw_scores)][0].item()} at PPO step {step}")
@@ -416,16 +425,14 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
                 share = micro / cfg.mini_batch_size  # gradient accumulation
                 # Each role's loss is backpropagated right after its forward: with gradient checkpointing the
                 # recomputation must run with the same adapter active.
-                with accelerator.autocast():
-                    logp, ent, shared_values = roles.policy_forward(mb["ids"], mb["attn"], width, entropy=True)
+                logp, ent, shared_values = roles.policy_forward(mb["ids"], mb["attn"], width, entropy=True)
                 pg, stats = policy_loss(logp.float(), mb["logp"], mb["advantages"], mb["mask"], cfg.cliprange)
                 if shared_values is not None:  # one graph: loss = pg + vf_coef * vf
                     vf, vstats = value_loss(shared_values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
                     accelerator.backward((pg + cfg.vf_coef * vf) * share)
                 else:  # two adapters, two graphs: the same gradients as one backward of pg + vf_coef * vf
                     accelerator.backward(pg * share)
-                    with accelerator.autocast():
-                        values = roles.values(mb["ids"], mb["attn"], width)
+                    values = roles.values(mb["ids"], mb["attn"], width)
                     vf, vstats = value_loss(values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
                     accelerator.backward(cfg.vf_coef * vf * share)
                 stats.update(vstats, policy_loss=pg.item(), value_loss=vf.item(), entropy=masked_mean(ent, mb["mask"]).item())
@@ -676,7 +683,12 @@ def run(cfg: PPOConfig) -> str:
     sft = check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo")
     cfg.model_name_or_path = cfg.model_name_or_path or sft["base_model"]["path"]
     check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo", base_model=cfg.model_name_or_path)
-    check_parent(cfg.rm_dir, "rm", for_stage="rlhf ppo", base_model=cfg.model_name_or_path)
+    rm = check_parent(cfg.rm_dir, "rm", for_stage="rlhf ppo", base_model=cfg.model_name_or_path)
+    for folder, m in ((cfg.sft_dir, sft), (cfg.rm_dir, rm)):
+        if m["config"].get("finetuning_type", "lora") != "lora" or cfg.finetuning_type != "lora":
+            raise ConfigError(f"rlhf ppo puts every role on one base as a LoRA adapter, but {folder} was trained with "
+                              f"finetuning_type={m['config'].get('finetuning_type')} (ppo config: {cfg.finetuning_type}); "
+                              "train SFT and RM with finetuning_type: lora")
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no")
     if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
         raise ConfigError("rlhf ppo runs data-parallel (one base per process, gradients averaged); launch it without "
@@ -698,6 +710,7 @@ def run(cfg: PPOConfig) -> str:
 
     # --- model: one base, four roles
     roles = build_roles(cfg)
+    roles.autocast = accelerator.autocast
     params = roles.params
     optimizer = accelerator.prepare(make_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay))
     updates = total_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)

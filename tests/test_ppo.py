@@ -113,7 +113,7 @@ def test_config_checks():
 # tiny parents
 
 
-def make_stage(root: Path, stage: str, base: str, seed: int, parent: str | None = None) -> str:
+def make_stage(root: Path, stage: str, base: str, seed: int, parent: str | None = None, finetuning_type: str = "lora") -> str:
     """A finished SFT (causal LM) or RM (sequence classification, score head saved) folder with random LoRA."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -134,7 +134,7 @@ def make_stage(root: Path, stage: str, base: str, seed: int, parent: str | None 
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type=task, init_lora_weights=False)
     get_peft_model(model, lora).save_pretrained(str(work))
     tok.save_pretrained(str(work))
-    return str(finish_output(work, root / stage, stage=stage, config={"template": "chatml", "finetuning_type": "lora"},
+    return str(finish_output(work, root / stage, stage=stage, config={"template": "chatml", "finetuning_type": finetuning_type},
                              base_model=base, parent=parent))
 
 
@@ -349,6 +349,9 @@ def test_bad_parents(parents, tmp_path, tiny_model_dir):
     rm_other = make_stage(tmp_path, "rm", other, seed=2)
     with pytest.raises(StageError, match="was trained on base model .*other_base"):
         ppo.run(cfg_for(parents, tmp_path / "d", rm_dir=rm_other))
+    full_rm = make_stage(tmp_path / "full", "rm", parents["base"], seed=2, finetuning_type="full")
+    with pytest.raises(ConfigError, match="one base as a LoRA adapter, but .* finetuning_type=full"):
+        ppo.run(cfg_for(parents, tmp_path / "e", rm_dir=full_rm))
     assert not any(tmp_path.glob("*.partial"))
 
 

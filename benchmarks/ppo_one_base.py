@@ -46,7 +46,10 @@ def make_parents(root: Path, hidden: int, layers: int) -> dict:
     from rlhf.manifest import finish_output, prepare_output
     from rlhf.templates import apply_template
     from rlhf.tiny import make_tiny_model
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.set_verbosity_error()  # the "score.weight MISSING" report of a new score head is expected here
+    hf_logging.disable_progress_bar()
     base = make_tiny_model(str(root / "base"), "llama", hidden_size=hidden, num_layers=layers, num_heads=8)
     tok = load_tokenizer(base)
     apply_template(tok, "chatml")

@@ -55,7 +55,7 @@ class PPOConfig(ModelConfig, DataConfig, TrainConfig):
     temperature: float = opt(0.7, "Sampling temperature; log-probs use the same temperature-scaled logits [N-impl].")
     top_k: int = opt(0, "Top-k sampling (0: off). Off by default: log-probs are of the full temperature-scaled distribution.")
     top_p: float = opt(1.0, "Nucleus sampling (1.0: off); see top_k.")
-    missing_eos_penalty: float | None = opt(None, "Subtract this from the score of a response that ends without a stop token (trl).")
+    missing_eos_penalty: float | None = opt(None, "Subtract this from the (normalised) score of a response that ends without a stop token (trl).")
     kl_coef: float = opt(0.05, "Initial coefficient of the per-token KL penalty to the reference (trl's kl_coef).")
     adaptive_kl: bool = opt(False, "Adapt kl_coef towards kl_target (Ziegler et al. 2019).")
     kl_target: float = opt(6.0, "Target KL (nats per response) of the adaptive controller.")
@@ -363,12 +363,17 @@ def chunked(fn, n: int, size: int, *tensors):
 
 
 @torch.no_grad()
-def score_responses(roles: OneBase, ids, attn, mask, ended, cfg: PPOConfig) -> torch.Tensor:
-    """Reward-model scores at each response's last real token, minus the missing-EOS penalty (trl)."""
+def score_responses(roles: OneBase, ids, attn, mask, cfg: PPOConfig) -> torch.Tensor:
+    """Reward-model scores at each response's last real token (the stop token when there is one)."""
     last = ids.shape[1] - mask.shape[1] + mask.sum(1) - 1
-    scores = chunked(roles.scores, len(ids), cfg.per_device_eval_batch_size, ids, attn, last).float()
-    if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * (~ended).float()
+    return chunked(roles.scores, len(ids), cfg.per_device_eval_batch_size, ids, attn, last).float()
+
+
+def shape_scores(raw: torch.Tensor, ended: torch.Tensor, norm: ScoreNormalizer, missing_eos_penalty: float | None):
+    """The score PPO optimises: normalised/clipped RM score, minus the penalty for a response with no stop token."""
+    scores = norm(raw)
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~ended).float()
     return scores
 
 
@@ -386,10 +391,10 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
         ref_logp.append(roles.policy_forward(*chunk, width, adapter="ref")[0])
         values.append(v if v is not None else roles.values(*chunk, width))
     logp, ref_logp, values = torch.cat(logp), torch.cat(ref_logp), torch.cat(values).float()
-    raw_scores = score_responses(roles, ids, attn, mask, ended, cfg)
+    raw_scores = score_responses(roles, ids, attn, mask, cfg)
     if not torch.isfinite(raw_scores).all():
         raise FloatingPointError(f"the reward model returned {raw_scores[~torch.isfinite(raw_scores)][0].item()} at PPO step {step}")
-    scores = score_norm(raw_scores)
+    scores = shape_scores(raw_scores, ended, score_norm, cfg.missing_eos_penalty)
     kl = kl_penalty(logp, ref_logp, cfg.kl_estimator) * fmask
     rewards = token_rewards(kl, scores, fmask, kl_ctl.value)
     advantages, returns = gae(rewards, values, fmask, cfg.gamma, cfg.lam)
@@ -644,7 +649,7 @@ def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(seed)
             ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg, do_sample=sample)
-        scores = score_responses(roles, ids, attn, mask, ended, cfg)
+        scores = score_responses(roles, ids, attn, mask, cfg)
         out[f"eval_reward{mode}"] = scores.mean().item()
         out[f"eval_eos_share{mode}"] = ended.float().mean().item()
         if metric:

@@ -93,6 +93,14 @@ def test_score_normalizer_by_hand():
     assert torch.equal(ppo.ScoreNormalizer("none", clip=0.5)(torch.tensor([2.0, -0.1])), torch.tensor([0.5, -0.1]))
 
 
+def test_missing_eos_penalty_after_normalisation():
+    raw, ended = torch.tensor([1.0, 3.0]), torch.tensor([True, False])
+    assert torch.equal(ppo.shape_scores(raw, ended, ppo.ScoreNormalizer(), 2.5), torch.tensor([1.0, 0.5]))
+    assert torch.equal(ppo.shape_scores(raw, ended, ppo.ScoreNormalizer(), None), raw)
+    shaped = ppo.shape_scores(raw, ended, ppo.ScoreNormalizer("normalize"), 1.0)  # (x - 2) / sqrt(2), then -1
+    assert torch.allclose(shaped, torch.tensor([-1 / math.sqrt(2), 1 / math.sqrt(2) - 1.0]), atol=1e-6)
+
+
 def test_response_mask_cuts_after_first_stop():
     responses = torch.tensor([[5, 7, 2, 9, 2], [5, 5, 5, 5, 5], [3, 2, 4, 4, 4]])
     mask, ended = ppo.response_mask(responses, [2, 3])
@@ -256,7 +264,7 @@ def test_4bit_lora_gradients_after_generate_match_fresh_load(parents):
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in used.model.modules())
     ids, attn, mask, _ = ppo.generate(used, prompts, tok, stops, cfg)  # eval-mode, no-grad forwards first
-    ppo.score_responses(used, ids, attn, mask, torch.ones(len(ids), dtype=torch.bool), cfg)
+    ppo.score_responses(used, ids, attn, mask, cfg)
     g_after = policy_grads(used, ids, attn, mask.shape[1])
     _, fresh = build(parents, quantization="4bit")
     g_fresh = policy_grads(fresh, ids, attn, mask.shape[1])

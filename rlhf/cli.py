@@ -160,6 +160,16 @@ def score(rm_dir, input_path, output_path, max_length):
     click.echo(f"scored {n} rows -> {output_path}")
 
 
+def _register():
+    from rlhf.pipeline import inspect_cmd, pipeline_cmd
+
+    for cmd in (pipeline_cmd, inspect_cmd):
+        cli.add_command(cmd)
+
+
+_register()
+
+
 def main():
     cli(prog_name="rlhf")
 

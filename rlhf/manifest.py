@@ -26,8 +26,24 @@ def work_dir(output_dir: str | Path) -> Path:
     return Path(str(Path(output_dir)) + ".partial")
 
 
-def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Create (or reuse, with ``resume``) the working folder of a stage and return it."""
+REQUEST = "requested_config.json"
+VOLATILE = ("resume", "overwrite_output_dir")  # keys that do not change what a stage produces
+
+
+def same_request(a: dict | None, b: dict | None) -> bool:
+    """Do two requested configs ask for the same result (ignoring resume/overwrite flags)?"""
+    if a is None or b is None:
+        return False
+    strip = lambda d: {k: v for k, v in d.items() if k not in VOLATILE}  # noqa: E731
+    return json.loads(json.dumps(strip(a), default=str)) == json.loads(json.dumps(strip(b), default=str))
+
+
+def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, requested: dict | None = None) -> Path:
+    """Create (or reuse, with ``resume``) the working folder of a stage and return it.
+
+    ``requested`` is the stage config as given; it is kept in the working folder and ends up in the
+    manifest, so a rerun can tell whether a finished or interrupted run was asked for the same thing.
+    """
     out, work = Path(output_dir), work_dir(output_dir)
     if not str(output_dir):
         raise StageError("output_dir is empty: set output_dir in the config or pass --output-dir DIR")
@@ -43,6 +59,14 @@ def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: b
     if resume and not work.exists():
         raise StageError(f"--resume: no unfinished run at {work} to continue")
     work.mkdir(parents=True, exist_ok=True)
+    if requested is not None:
+        old = json.loads((work / REQUEST).read_text()) if (work / REQUEST).is_file() else None
+        if resume and old is not None and not same_request(old, requested):
+            changed = sorted(k for k in set(old) | set(requested) if k not in VOLATILE and old.get(k) != requested.get(k))
+            import logging
+
+            logging.getLogger("rlhf").warning("resuming %s with changed keys: %s", work, ", ".join(changed))
+        (work / REQUEST).write_text(json.dumps(requested, indent=2, default=str))
     return work
 
 
@@ -99,7 +123,11 @@ def finish_output(
     metrics: dict | None = None,
     started: float | None = None,
 ) -> Path:
-    """Write ``manifest.json`` into the working folder, then rename it to ``output_dir``."""
+    """Write ``manifest.json`` into the working folder, then rename it to ``output_dir``.
+
+    ``config`` is the resolved config (parent paths, template filled in); ``requested`` the config as
+    given, before the stage resolved it (kept by ``prepare_output``; the pipeline compares it).
+    """
     work, out = Path(work), Path(output_dir)
     parent_info = None
     if parent:
@@ -111,6 +139,7 @@ def finish_output(
         "parent": parent_info,
         "datasets": datasets or {},
         "config": config,
+        "requested": json.loads((work / REQUEST).read_text()) if (work / REQUEST).is_file() else config,
         "metrics": metrics or {},
         "versions": package_versions(),
         "started": started,

@@ -86,11 +86,11 @@ def run(cfg: RMConfig) -> str:
     from rlhf.templates import apply_template
     from rlhf.train_utils import load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
 
-    started = time.time()
+    started, requested = time.time(), to_dict(cfg)
     set_seed(cfg.seed)
     base, adapters, tok_dir = resolve_parent(cfg)
     cfg.model_name_or_path = base
-    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
+    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
 
     # --- data, rendered with the SFT folder's chat template
     tokenizer = load_tokenizer(tok_dir or base, cfg.trust_remote_code)

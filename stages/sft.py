@@ -6,6 +6,7 @@ Recipe: config -> tokenizer + chat template -> data (registry) tokenized with as
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ def run(cfg: SFTConfig) -> str:
 
     started = time.time()
     set_seed(cfg.seed)
-    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
+    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))
 
     # --- data
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
@@ -81,16 +82,20 @@ def run(cfg: SFTConfig) -> str:
         return evaluate.task_metric(model, tokenizer, task_rows, metric, max_prompt_length=cfg.max_length,
                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.per_device_eval_batch_size)
 
+    resume_from = last_checkpoint(work) if cfg.resume else None
     metrics = {}
-    if not cfg.resume:
+    if resume_from is None:  # a resumed run logged it before it stopped
         metrics["task_metric_before"] = task_score()
+        (work / "task_metric_before.json").write_text(json.dumps(metrics))
+    elif (work / "task_metric_before.json").is_file():
+        metrics = json.loads((work / "task_metric_before.json").read_text())
 
     # --- train
     args = TrlSFTConfig(**trainer_kwargs(cfg, work, has_eval=eval_ds is not None), max_length=cfg.max_length,
                         packing=cfg.packing, dataset_num_proc=None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[log_callback(work)])
-    trainer.train(resume_from_checkpoint=last_checkpoint(work) if cfg.resume else None)
+    trainer.train(resume_from_checkpoint=resume_from)
     if eval_ds is not None and not any(r.get("step") == trainer.state.global_step and "eval_loss" in r for r in read_log(work)):
         trainer.evaluate()  # the final eval loss, unless the schedule just logged it
 

@@ -1,0 +1,206 @@
+"""`rlhf pipeline`: run pt -> sft -> rm -> ppo from one YAML, skipping what is already done.
+
+    output_root: runs/demo            # each stage writes output_root/<stage>
+    shared: {seed: 42}                # keys given to every stage whose config has them
+    stages:                           # in this order; any subset
+      pt: configs/demo/pt.yaml
+      sft: {config: configs/demo/sft.yaml, learning_rate: 1.0e-3}   # a file plus inline keys
+      rm: configs/demo/rm.yaml
+      ppo: configs/demo/ppo.yaml
+
+A stage is skipped when its folder is finished and its manifest shows the same requested config, the
+same dataset fingerprints and the same parent manifest; otherwise it runs (resuming an interrupted run
+of the same config), and every stage after it runs too. Stage links are filled in: sft reads pt's
+folder as its base, rm reads sft, ppo reads sft and rm.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import click
+
+ORDER = ["pt", "sft", "rm", "ppo"]
+LINKS = {"sft": {"model_name_or_path": "pt"}, "rm": {"sft_dir": "sft"}, "ppo": {"sft_dir": "sft", "rm_dir": "rm"}}
+PIPELINE_KEYS = {"output_root", "shared", "stages"}
+
+
+def stage_configs(path: str, overrides: dict | None = None) -> list[tuple[str, object]]:
+    """(stage, typed config) in run order, with shared keys, links and output folders filled in."""
+    from rlhf.cli import STAGES
+    from rlhf.config import ConfigError, build, fields_of, nearest, read_yaml
+
+    spec = read_yaml(path)
+    if unknown := set(spec) - PIPELINE_KEYS:
+        k = sorted(unknown)[0]
+        raise ConfigError(f"{path}: unknown key '{k}'{nearest(k, PIPELINE_KEYS)}")
+    stages = spec.get("stages") or {}
+    if not isinstance(stages, dict) or not stages:
+        raise ConfigError(f"{path}: `stages:` must map stage names ({', '.join(ORDER)}) to config files")
+    if bad := [s for s in stages if s not in ORDER]:
+        raise ConfigError(f"{path}: unknown stage '{bad[0]}'{nearest(bad[0], ORDER)}")
+    root = Path(spec.get("output_root", "runs/pipeline"))
+    shared = {**(spec.get("shared") or {}), **(overrides or {})}
+    out = []
+    for stage in [s for s in ORDER if s in stages]:
+        entry = stages[stage]
+        entry = {"config": entry} if isinstance(entry, str) else dict(entry or {})
+        cls = getattr(importlib.import_module(STAGES[stage][0]), STAGES[stage][1])
+        valid = fields_of(cls)
+        values, where = {}, {}
+        if file := entry.pop("config", None):
+            file = str(Path(path).parent / file) if not Path(file).exists() else file
+            for k, v in read_yaml(file).items():
+                values[k], where[k] = v, file
+        for k, v in shared.items():
+            if k.replace("-", "_") in valid:
+                values[k.replace("-", "_")], where[k] = v, f"{path} (shared)"
+        for k, v in entry.items():
+            values[k], where[k] = v, f"{path} (stages.{stage})"
+        values["output_dir"] = str(root / stage)
+        for key, parent in LINKS.get(stage, {}).items():
+            if parent in stages:
+                values[key] = str(root / parent)
+        out.append((stage, build(cls, values, where)))
+    return out
+
+
+def _parent_hashes(manifest: dict) -> str | None:
+    return (manifest.get("parent") or {}).get("manifest_sha256")
+
+
+def up_to_date(stage: str, cfg) -> tuple[bool, str]:
+    """Is the stage's finished folder the result of this config, data and parent? (and why not)"""
+    from rlhf.config import to_dict
+    from rlhf.data import fingerprint
+    from rlhf.manifest import MANIFEST, file_sha256, read_manifest, same_request
+
+    out = Path(cfg.output_dir)
+    if not (out / MANIFEST).is_file():
+        return False, "not run yet" if not out.exists() else "unfinished"
+    m = read_manifest(out)
+    if not same_request(m.get("requested"), to_dict(cfg)):
+        old, new = m.get("requested") or {}, to_dict(cfg)
+        changed = sorted(k for k in set(old) | set(new) if k not in ("resume", "overwrite_output_dir") and old.get(k) != new.get(k))
+        return False, f"config changed ({', '.join(changed)})"
+    names = list(getattr(cfg, "dataset", [])) + list(getattr(cfg, "eval_dataset", []))
+    if names and fingerprint(names, getattr(cfg, "registry_file", None)) != m.get("datasets"):
+        return False, "dataset content changed"
+    parent_dir = (m.get("parent") or {}).get("path")
+    if parent_dir:
+        p = Path(parent_dir) / MANIFEST
+        if not p.is_file() or file_sha256(p) != _parent_hashes(m):
+            return False, "parent stage changed"
+    return True, "up to date"
+
+
+def run_pipeline(path: str, *, start: str | None = None, only: str | None = None, overrides: dict | None = None) -> list[tuple[str, str]]:
+    """Run the pipeline; returns (stage, what happened) for each stage."""
+    from rlhf.config import to_dict
+    from rlhf.manifest import REQUEST, same_request, work_dir
+
+    plan = stage_configs(path, overrides)
+    names = [s for s, _ in plan]
+    for flag, value in (("--from", start), ("--only", only)):
+        if value and value not in names:
+            raise click.UsageError(f"{flag} {value}: the pipeline's stages are {', '.join(names)}")
+    report, dirty = [], False
+    for stage, cfg in plan:
+        if only and stage != only:
+            continue
+        forced = start is not None and names.index(stage) >= names.index(start)
+        ok, why = up_to_date(stage, cfg)
+        if ok and not dirty and not forced and not only:
+            click.echo(f"[pipeline] {stage}: {why}, skipped ({cfg.output_dir})")
+            report.append((stage, "skipped"))
+            continue
+        work = work_dir(cfg.output_dir)
+        old = json.loads((work / REQUEST).read_text()) if (work / REQUEST).is_file() else None
+        resume = work.exists() and same_request(old, to_dict(cfg)) and hasattr(cfg, "resume")
+        if hasattr(cfg, "resume"):
+            cfg.resume = resume
+        cfg.overwrite_output_dir = True
+        click.echo(f"[pipeline] {stage}: {'resuming interrupted run' if resume else 'running'} ({why if not forced else 'asked to'}) -> {cfg.output_dir}")
+        mod = importlib.import_module(f"rlhf.stages.{stage}")
+        mod.run(cfg)
+        report.append((stage, "resumed" if resume else "ran"))
+        dirty = True
+    return report
+
+
+def lineage(folder: str) -> list[dict]:
+    """The manifest of ``folder`` and of each parent up the chain (child first)."""
+    from rlhf.manifest import read_manifest
+
+    chain, f = [], folder
+    while f:
+        m = read_manifest(f)
+        chain.append({"folder": str(f), **m})
+        f = (m.get("parent") or {}).get("path")
+        if f is None and m.get("stage") in ("sft",) and Path(m["base_model"]["path"], "manifest.json").is_file():
+            f = m["base_model"]["path"]  # an SFT on our own pre-trained base: show the pt stage too
+    return chain
+
+
+KEY_HPARAMS = ("quantization", "finetuning_type", "lora_r", "lora_alpha", "lora_target", "learning_rate", "max_steps",
+               "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "kl_coef", "seed")
+
+
+def format_lineage(chain: list[dict]) -> str:
+    lines = []
+    base = chain[-1]["base_model"]
+    lines.append(f"base model: {base['path']} (fingerprint {base['fingerprint']})")
+    for m in reversed(chain):
+        cfg = m.get("config", {})
+        lines.append(f"\n{m['stage']}: {m['folder']}")
+        if m.get("parent"):
+            lines.append(f"  parent: {m['parent']['path']} (manifest sha256 {m['parent']['manifest_sha256'][:12]})")
+        for name, fp in (m.get("datasets") or {}).items():
+            lines.append(f"  dataset: {name} ({str(fp)[:16]})")
+        hp = {k: cfg[k] for k in KEY_HPARAMS if k in cfg}
+        lines.append("  " + ", ".join(f"{k}={v}" for k, v in hp.items()))
+        metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in (m.get("metrics") or {}).items() if v is not None}
+        lines.append(f"  metrics: {json.dumps(metrics)}")
+        if m.get("wall_seconds") is not None:
+            lines.append(f"  wall time: {m['wall_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+@click.command("pipeline", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("config")
+@click.option("--from", "start", default=None, help="Rerun this stage and every one after it, even if up to date.")
+@click.option("--only", default=None, help="Run only this stage (its parents must be finished).")
+@click.pass_context
+def pipeline_cmd(ctx, config, start, only):
+    """Run the stages named in CONFIG (pt, sft, rm, ppo) in order; skip those already done.
+
+    Extra --key value options override that key in every stage that has it.
+    """
+    from rlhf.config import ConfigError, parse_overrides
+    from rlhf.data import DataError
+    from rlhf.logging_utils import setup_logging
+    from rlhf.manifest import StageError
+
+    setup_logging()
+    try:
+        report = run_pipeline(config, start=start, only=only, overrides=parse_overrides(ctx.args))
+    except ConfigError as e:
+        raise click.UsageError(str(e)) from None
+    except (DataError, StageError, FileNotFoundError) as e:
+        raise click.ClickException(str(e)) from None
+    click.echo("[pipeline] " + ", ".join(f"{s}: {w}" for s, w in report))
+
+
+@click.command("inspect")
+@click.argument("folder")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifests of the chain as JSON.")
+def inspect_cmd(folder, as_json):
+    """Print a stage folder's lineage: base model, each stage, datasets, key settings, final metrics."""
+    from rlhf.manifest import StageError
+
+    try:
+        chain = lineage(folder)
+    except StageError as e:
+        raise click.ClickException(str(e)) from None
+    click.echo(json.dumps(chain, indent=2, default=str) if as_json else format_lineage(chain))

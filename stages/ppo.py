@@ -514,31 +514,39 @@ def load_value(roles: OneBase, folder: Path) -> None:
     roles.value_head.load_state_dict(state)
 
 
-def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, limit: int | None) -> Path:
-    ckpt = work / "checkpoints" / f"checkpoint-{step}"
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_adapter(roles.model, "policy", tmp / "policy")
-    save_value(roles, tmp / "value")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, limit: int | None,
+                    accelerator) -> None:
+    """checkpoint-N: policy and value, optimizer, scheduler, KL controller, score statistics, step (main process),
+    and each process's RNG states. Written to a temporary folder, then renamed: complete or absent."""
     import numpy as np
 
+    ckpt = work / "checkpoints" / f"checkpoint-{step}"
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_adapter(roles.model, "policy", tmp / "policy")
+        save_value(roles, tmp / "value")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps(
+            {"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}, indent=2))
+    accelerator.wait_for_everyone()
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / "rng_state.pth")
-    (tmp / "trainer_state.json").write_text(json.dumps(
-        {"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}, indent=2))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    os.replace(tmp, ckpt)  # a checkpoint folder is complete or absent
-    if limit:
-        ckpts = sorted((work / "checkpoints").glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
-        for old in ckpts[:-limit]:
-            shutil.rmtree(old)
-    return ckpt
+    torch.save(rng, tmp / f"rng_state_{accelerator.process_index}.pth")
+    accelerator.wait_for_everyone()
+    if main:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        os.replace(tmp, ckpt)
+        if limit:
+            ckpts = sorted((work / "checkpoints").glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
+            for old in ckpts[:-limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
 
 
-def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm) -> int:
+def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, rank: int = 0) -> int:
     import numpy as np
 
     load_adapter_weights(roles.model, "policy", ckpt / "policy")
@@ -549,7 +557,8 @@ def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, sc
     state = json.loads((ckpt / "trainer_state.json").read_text())
     kl_ctl.load_state_dict(state["kl_ctl"])
     score_norm.load_state_dict(state["score_norm"])
-    rng = torch.load(ckpt / "rng_state.pth", weights_only=False)
+    rng_file = ckpt / f"rng_state_{rank}.pth"  # a run resumed on fewer/more processes reuses process 0's
+    rng = torch.load(rng_file if rng_file.is_file() else ckpt / "rng_state_0.pth", weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
@@ -679,7 +688,7 @@ def run(cfg: PPOConfig) -> str:
 
     from rlhf.config import to_dict
     from rlhf.loader import load_tokenizer
-    from rlhf.manifest import check_parent, finish_output, last_checkpoint, prepare_output
+    from rlhf.manifest import check_parent, finish_output, last_checkpoint, prepare_output, work_dir
     from rlhf.templates import apply_template, stop_token_ids
     from rlhf.train_utils import LOG_FILE, dataset_metric, load_train_eval, read_log
 
@@ -694,11 +703,14 @@ def run(cfg: PPOConfig) -> str:
             raise ConfigError(f"rlhf ppo puts every role on one base as a LoRA adapter, but {folder} was trained with "
                               f"finetuning_type={m['config'].get('finetuning_type')} (ppo config: {cfg.finetuning_type}); "
                               "train SFT and RM with finetuning_type: lora")
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no")
+    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
+                              cpu=not torch.cuda.is_available())  # cpu: torchrun/accelerate launch on CPUs (gloo)
     if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
         raise ConfigError("rlhf ppo runs data-parallel (one base per process, gradients averaged); launch it without "
                           "DeepSpeed/FSDP (e.g. configs/accelerate/multi_gpu.yaml)")
     set_seed(cfg.seed + accelerator.process_index)
+    if not accelerator.is_main_process:
+        log.setLevel(logging.WARNING)  # one process reports
 
     # --- data (checked before the working folder is made)
     tokenizer = load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
@@ -710,8 +722,12 @@ def run(cfg: PPOConfig) -> str:
     metric = dataset_metric(cfg.eval_dataset or cfg.dataset, cfg.registry_file) if eval_rows else None
     eval_metas = [e["meta"] for e in eval_rows]
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(prompts) * cfg.num_train_epochs / (cfg.batch_size * accelerator.num_processes))
-    log.info("ppo: %d prompts, %d held-out, %d PPO steps of %d prompts, template %s", len(prompts), len(eval_prompts), total_steps, cfg.batch_size, cfg.template)
-    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
+    log.info("ppo: %d prompts, %d held-out, %d PPO steps of %d prompts x %d processes, template %s", len(prompts),
+             len(eval_prompts), total_steps, cfg.batch_size, accelerator.num_processes, cfg.template)
+    if accelerator.is_main_process:
+        prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
+    accelerator.wait_for_everyone()
+    work = work_dir(cfg.output_dir)
 
     # --- model: one base, four roles
     roles = build_roles(cfg)
@@ -725,9 +741,11 @@ def run(cfg: PPOConfig) -> str:
     log_file, samples_file = work / LOG_FILE, work / "samples.jsonl"
     step, metrics = 0, {}
     if cfg.resume and (ckpt := last_checkpoint(work)):
-        step = load_checkpoint(Path(ckpt), roles, optimizer, scheduler, kl_ctl, score_norm)
-        for f in (log_file, samples_file):
-            truncate_jsonl(f, step)
+        step = load_checkpoint(Path(ckpt), roles, optimizer, scheduler, kl_ctl, score_norm, accelerator.process_index)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for f in (log_file, samples_file):
+                truncate_jsonl(f, step)
         log.info("ppo: resumed from %s (step %d)", ckpt, step)
     main = accelerator.is_main_process
 
@@ -776,16 +794,16 @@ def run(cfg: PPOConfig) -> str:
                 write(samples_file, {"step": step, "prompt": tokenizer.decode(prompts[idx[i]]), "response": texts[i], "score": scores[i].item()})
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             run_eval(f"step {step}")
-        if step % cfg.save_steps == 0 and main:
-            save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit)
+        if step % cfg.save_steps == 0:
+            save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit, accelerator)
             last_saved = step
     bar.close()
 
     # --- save
     metrics.update({f"{k}_after": v for k, v in run_eval("end").items()})
+    if last_saved != step:
+        save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit, accelerator)
     if main:
-        if last_saved != step:
-            save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit)
         save_adapter(roles.model, "policy", work)  # the policy at the folder root: PeftModel.from_pretrained(base, folder)
         save_value(roles, work / "value")
         tokenizer.save_pretrained(str(work))
@@ -798,7 +816,7 @@ def run(cfg: PPOConfig) -> str:
         (work / "trainer_state.json").write_text(json.dumps({"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}, indent=2))
         plot(rows, work / "training_curves.png")
         log.info("ppo metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-        out = finish_output(work, cfg.output_dir, stage="ppo", config=to_dict(cfg), base_model=cfg.model_name_or_path,
-                            parent=cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started)
+        finish_output(work, cfg.output_dir, stage="ppo", config=to_dict(cfg), base_model=cfg.model_name_or_path,
+                      parent=cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started)
     accelerator.wait_for_everyone()
     return str(Path(cfg.output_dir))

@@ -692,7 +692,7 @@ def run(cfg: PPOConfig) -> str:
     from rlhf.templates import apply_template, stop_token_ids
     from rlhf.train_utils import LOG_FILE, dataset_metric, load_train_eval, read_log
 
-    started = time.time()
+    started, requested = time.time(), to_dict(cfg)  # requested: the config as given (rlhf pipeline compares it)
     # --- parents: SFT and RM on the same base
     sft = check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo")
     cfg.model_name_or_path = cfg.model_name_or_path or sft["base_model"]["path"]
@@ -725,7 +725,7 @@ def run(cfg: PPOConfig) -> str:
     log.info("ppo: %d prompts, %d held-out, %d PPO steps of %d prompts x %d processes, template %s", len(prompts),
              len(eval_prompts), total_steps, cfg.batch_size, accelerator.num_processes, cfg.template)
     if accelerator.is_main_process:
-        prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir)
+        prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
     accelerator.wait_for_everyone()
     work = work_dir(cfg.output_dir)
 
@@ -740,13 +740,14 @@ def run(cfg: PPOConfig) -> str:
     score_norm = ScoreNormalizer(cfg.score_norm, cfg.score_clip)
     log_file, samples_file = work / LOG_FILE, work / "samples.jsonl"
     step, metrics = 0, {}
-    if cfg.resume and (ckpt := last_checkpoint(work)):
-        step = load_checkpoint(Path(ckpt), roles, optimizer, scheduler, kl_ctl, score_norm, accelerator.process_index)
+    if cfg.resume:
+        if ckpt := last_checkpoint(work):
+            step = load_checkpoint(Path(ckpt), roles, optimizer, scheduler, kl_ctl, score_norm, accelerator.process_index)
+        log.info("ppo: resumed from %s (step %d)", ckpt or "the start (no checkpoint yet)", step)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # drop what the interrupted run logged after its checkpoint
             for f in (log_file, samples_file):
-                truncate_jsonl(f, step)
-        log.info("ppo: resumed from %s (step %d)", ckpt, step)
+                truncate_jsonl(f, step if step else -1)
     main = accelerator.is_main_process
 
     def write(path: Path, row: dict):
@@ -774,11 +775,17 @@ def run(cfg: PPOConfig) -> str:
     while step < total_steps:
         t0 = time.time()
         idx = prompt_order(step, len(prompts), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
-        batch, stats, scores = rollout(roles, [prompts[i] for i in idx], tokenizer, stop_ids, cfg, kl_ctl, score_norm, step + 1)
-        t1 = time.time()
-        stats.update(ppo_update(roles, batch, cfg, optimizer, scheduler, accelerator, params))
-        step += 1
-        stats = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in stats.items()}
+        try:
+            batch, stats, scores = rollout(roles, [prompts[i] for i in idx], tokenizer, stop_ids, cfg, kl_ctl, score_norm, step + 1)
+            t1 = time.time()
+            stats.update(ppo_update(roles, batch, cfg, optimizer, scheduler, accelerator, params))
+            step += 1
+            stats = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in stats.items()}
+            if bad := [k for k, v in stats.items() if not math.isfinite(v)]:
+                raise FloatingPointError(f"{', '.join(bad)} not finite at PPO step {step}")
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}; stopping. The last good checkpoint is {last_checkpoint(work) or '(none yet)'}: "
+                                     "continue with --resume true (e.g. after lowering learning_rate)") from None
         kl_ctl.update(stats["kl"], cfg.batch_size * accelerator.num_processes)
         t2 = time.time()
         stats.update(step=step, lr=scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_update=t2 - t1,

@@ -338,7 +338,7 @@ def test_nan_reward_stops_naming_the_step_and_keeps_the_checkpoint(parents, tmp_
     shutil.copytree(out, work)
     (work / "manifest.json").unlink()
     # ... continued with a reward model that returns NaN
-    with pytest.raises(FloatingPointError, match="at PPO step 2"):
+    with pytest.raises(FloatingPointError, match="at PPO step 2; stopping. The last good checkpoint is .*checkpoint-1"):
         ppo.run(cfg_for(parents, tmp_path / "cont", rm_dir=str(bad_rm), resume=True, max_steps=2, eval_samples=0))
     assert (work / "checkpoints" / "checkpoint-1" / "policy" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "cont").exists()

@@ -139,20 +139,26 @@ def make_stage(root: Path, stage: str, base: str, seed: int, parent: str | None 
     else:
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=tok.pad_token_id)
         task = "SEQ_CLS"
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type=task, init_lora_weights=False)
+    from rlhf.loader import DEFAULT_LORA_TARGETS
+
+    arch = model.config.model_type
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS[arch], task_type=task, init_lora_weights=False,
+                      fan_in_fan_out=arch == "gpt2")
     get_peft_model(model, lora).save_pretrained(str(work))
     tok.save_pretrained(str(work))
     return str(finish_output(work, root / stage, stage=stage, config={"template": "chatml", "finetuning_type": finetuning_type},
                              base_model=base, parent=parent))
 
 
-@pytest.fixture(scope="module")
-def parents(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("ppo_parents")
-    base = tiny_model_dir("llama")
+def make_parents(root: Path, base: str) -> dict:
     sft = make_stage(root, "sft", base, seed=1)
     rm = make_stage(root, "rm", base, seed=2, parent=sft)
     return {"base": base, "sft": sft, "rm": rm, "root": root}
+
+
+@pytest.fixture(scope="module")
+def parents(tmp_path_factory, tiny_model_dir):
+    return make_parents(tmp_path_factory.mktemp("ppo_parents"), tiny_model_dir("llama"))
 
 
 def cfg_for(parents, out, **kw) -> PPOConfig:
@@ -244,6 +250,30 @@ def test_one_step_trains_only_policy_and_value_on_one_base(parents, value_model)
     assert not torch.equal(value_head, roles.value_head.weight)
     assert torch.equal(reward_head, roles.reward_head.weight)
     assert all(torch.equal(base_before[n], p) for n, p in model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rotary (relative) and learned absolute positions
+def test_logprobs_match_the_sampling_distribution(arch, parents, tiny_model_dir, tmp_path):
+    """Left-padded prompts of different lengths: the log-probs PPO computes (temperature-scaled, positions from the
+    attention mask) are those generate() sampled from [N-impl]."""
+    if arch != "llama":
+        parents = make_parents(tmp_path, tiny_model_dir(arch))
+    cfg, roles = build(parents, temperature=0.7)
+    tok, stops = tokenizer_of(parents)
+    prompts = prompts_of(tok, 6)
+    assert len({len(p) for p in prompts}) > 1
+    ids, attn = ppo.left_pad(prompts, tok.pad_token_id)
+    roles.use("policy")
+    roles.model.eval()
+    out = roles.model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                               max_new_tokens=5, min_new_tokens=5, output_logits=True, return_dict_in_generate=True,
+                               pad_token_id=tok.pad_token_id)
+    response = out.sequences[:, ids.shape[1]:]
+    sampled = torch.stack(out.logits, 1).div(0.7).log_softmax(-1).gather(-1, response[..., None])[..., 0]
+    full_attn = torch.cat([attn, torch.ones_like(response)], 1)
+    with torch.no_grad():
+        logp = roles.policy_forward(out.sequences, full_attn, response.shape[1])[0]
+    assert torch.allclose(logp, sampled, atol=1e-4)
 
 
 def test_4bit_lora_gradients_after_generate_match_fresh_load(parents):

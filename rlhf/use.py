@@ -16,8 +16,8 @@ from pathlib import Path
 
 import click
 
-POLICIES = ("pt", "sft", "ppo")
-SCORERS = ("rm",)
+POLICIES = ("pt", "sft", "ppo")  # folders that generate text
+SCORERS = ("rm",)  # folders that score it
 
 
 @dataclass
@@ -52,7 +52,7 @@ def open_stage(folder: str, kinds: tuple[str, ...], command: str) -> Stage:
         raise StageError(f"{folder} is not a stage folder (no manifest.json) but a plain transformers model "
                          f"(an `rlhf export` output?): load it with transformers; {command} takes the stage folder "
                          f"it came from")
-    m = check_parent(folder, kinds + SCORERS + POLICIES, for_stage=command)
+    m = check_parent(folder, POLICIES + SCORERS, for_stage=command)  # exists, finished, files present
     if m["stage"] not in kinds:
         if m["stage"] == "rm":
             raise StageError(f"{folder} is a reward model (`rlhf rm` output): it scores text, it does not write it; "
@@ -70,6 +70,7 @@ def load_stage(st: Stage, *, quantization: str = "stage", dtype: str | None = No
     from rlhf.templates import apply_template
 
     keys = {k: v for k, v in st.config.items() if k in ModelConfig.__dataclass_fields__}
+    # finetuning_type lora with no adapter is the plain model, which the loader may also quantize
     cfg = ModelConfig(**{**keys, "model_name_or_path": st.base, "gradient_checkpointing": False, "finetuning_type": "lora"})
     if quantization != "stage":
         cfg.quantization = quantization
@@ -82,13 +83,12 @@ def load_stage(st: Stage, *, quantization: str = "stage", dtype: str | None = No
     return model, tokenizer
 
 
-def _free(*models) -> None:
+def _release() -> None:
+    """Give back the memory of a model the caller has deleted (the next one may need it)."""
     import gc
 
     import torch
 
-    for m in models:
-        del m
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -259,13 +259,13 @@ def chat(folder, system, max_length, max_new_tokens, temperature, top_p, top_k, 
     import torch
 
     setup_logging("warning")  # the terminal is for the conversation
+    sampling = _sampling(0.7 if temperature is None else temperature, top_p, top_k)
     try:
         st = open_stage(folder, POLICIES, "rlhf chat")
         model, tokenizer = load_stage(st, quantization=quantization)
     except _expected_errors() as e:
         _fail(e)
     torch.manual_seed(seed)
-    sampling = _sampling(0.7 if temperature is None else temperature, top_p, top_k)
     max_new_tokens = max_new_tokens or 256
     max_length = max_length or _context_length(model)
     if max_new_tokens >= max_length:
@@ -286,14 +286,13 @@ def generate_all(model, tokenizer, prompts: list[list[int]], *, batch_size: int,
 
     from rlhf.evaluate import generate
 
-    kw = {k: v for k, v in sampling.items()}
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[str | None] = [None] * len(prompts)
     with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             replies = generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, **kw)
+                               batch_size=batch_size, **sampling)
             for i, r in zip(idx, replies):
                 out[i] = r
             bar.update(len(idx))
@@ -460,7 +459,8 @@ def _eval_rm(st: Stage, pairs: list[dict], s: EvalSettings) -> dict:
     max_length = s.max_length or int(st.config.get("max_length") or 1024)
     chosen = score_pairs(model, tok, pairs, [e["chosen"] for e in pairs], max_length, s.batch_size)
     rejected = score_pairs(model, tok, pairs, [e["rejected"] for e in pairs], max_length, s.batch_size)
-    _free(model)
+    del model
+    _release()
     return {**pairwise(chosen, rejected), "pairs": len(pairs)}
 
 
@@ -488,7 +488,8 @@ def _eval_policy(st: Stage, sft_rows, prompt_rows, metric, replies_needed: bool,
         if metric:
             out["task_metric"] = float(metric_fn(metric)([prompt_rows[i]["meta"] for i in keep], got))
             out["task_prompts"] = len(keep)
-    _free(model)
+    del model
+    _release()
     return out, replies
 
 
@@ -501,7 +502,8 @@ def _rewards(rm: Stage, prompt_rows: list[dict], replies: dict, s: EvalSettings)
     idx = sorted(replies)
     vals = score_pairs(model, tok, [{"messages": prompt_messages(prompt_rows[i])} for i in idx], [replies[i] for i in idx],
                        int(rm.config.get("max_length") or 1024), s.batch_size)
-    _free(model)
+    del model
+    _release()
     return dict(zip(idx, vals))
 
 

@@ -26,7 +26,7 @@ LINKS = {"sft": {"model_name_or_path": "pt"}, "rm": {"sft_dir": "sft"}, "ppo": {
 PIPELINE_KEYS = {"output_root", "shared", "stages"}
 
 
-def stage_configs(path: str, overrides: dict | None = None) -> list[tuple[str, object]]:
+def stage_configs(path: str, overrides: dict | None = None, output_root: str | None = None) -> list[tuple[str, object]]:
     """(stage, typed config) in run order, with shared keys, links and output folders filled in."""
     from rlhf.cli import STAGES
     from rlhf.config import ConfigError, build, fields_of, nearest, read_yaml
@@ -40,7 +40,7 @@ def stage_configs(path: str, overrides: dict | None = None) -> list[tuple[str, o
         raise ConfigError(f"{path}: `stages:` must map stage names ({', '.join(ORDER)}) to config files")
     if bad := [s for s in stages if s not in ORDER]:
         raise ConfigError(f"{path}: unknown stage '{bad[0]}'{nearest(bad[0], ORDER)}")
-    root = Path(spec.get("output_root", "runs/pipeline"))
+    root = Path(output_root or spec.get("output_root", "runs/pipeline"))
     shared = {**(spec.get("shared") or {}), **(overrides or {})}
     out = []
     for stage in [s for s in ORDER if s in stages]:
@@ -95,12 +95,13 @@ def up_to_date(stage: str, cfg) -> tuple[bool, str]:
     return True, "up to date"
 
 
-def run_pipeline(path: str, *, start: str | None = None, only: str | None = None, overrides: dict | None = None) -> list[tuple[str, str]]:
+def run_pipeline(path: str, *, start: str | None = None, only: str | None = None, overrides: dict | None = None,
+                 output_root: str | None = None) -> list[tuple[str, str]]:
     """Run the pipeline; returns (stage, what happened) for each stage."""
     from rlhf.config import to_dict
     from rlhf.manifest import REQUEST, same_request, work_dir
 
-    plan = stage_configs(path, overrides)
+    plan = stage_configs(path, overrides, output_root)
     names = [s for s, _ in plan]
     for flag, value in (("--from", start), ("--only", only)):
         if value and value not in names:
@@ -171,8 +172,9 @@ def format_lineage(chain: list[dict]) -> str:
 @click.argument("config")
 @click.option("--from", "start", default=None, help="Rerun this stage and every one after it, even if up to date.")
 @click.option("--only", default=None, help="Run only this stage (its parents must be finished).")
+@click.option("--output-root", default=None, help="Write the stage folders here instead of the file's output_root.")
 @click.pass_context
-def pipeline_cmd(ctx, config, start, only):
+def pipeline_cmd(ctx, config, start, only, output_root):
     """Run the stages named in CONFIG (pt, sft, rm, ppo) in order; skip those already done.
 
     Extra --key value options override that key in every stage that has it.
@@ -184,7 +186,7 @@ def pipeline_cmd(ctx, config, start, only):
 
     setup_logging()
     try:
-        report = run_pipeline(config, start=start, only=only, overrides=parse_overrides(ctx.args))
+        report = run_pipeline(config, start=start, only=only, overrides=parse_overrides(ctx.args), output_root=output_root)
     except ConfigError as e:
         raise click.UsageError(str(e)) from None
     except (DataError, StageError, FileNotFoundError) as e:

@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
 # Set up .venv and run the demo pipeline on the embedded default: pre-train a tiny base on the
-# bundled corpus, then sft -> rm -> ppo. Outputs in runs/demo/. Extra arguments go to every stage.
+# bundled corpus, then sft -> rm -> ppo on the demo task. Outputs in runs/demo/; a rerun skips
+# stages that are finished and unchanged. Extra arguments go to `rlhf pipeline`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-for stage in pt sft rm ppo; do
-  echo "=== rlhf $stage configs/demo/$stage.yaml"
-  .venv/bin/rlhf "$stage" "configs/demo/$stage.yaml" --overwrite-output-dir true "$@"
-done
+.venv/bin/rlhf pipeline configs/demo/pipeline.yaml "$@"
+for stage in sft rm ppo; do .venv/bin/rlhf inspect "runs/demo/$stage" | tail -n 3; done

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -441,6 +440,8 @@ def win_rate(a: list[float], b: list[float]) -> float:
 
 @dataclass
 class EvalSettings:
+    """What `rlhf eval` reads and how it generates (the command's options)."""
+
     datasets: list[str]
     registry_file: str | None = None
     num_samples: int | None = None

@@ -43,30 +43,34 @@ def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: b
 
     ``requested`` is the stage config as given; it is kept in the working folder and ends up in the
     manifest, so a rerun can tell whether a finished or interrupted run was asked for the same thing.
+    Under several processes (accelerate/torchrun) every process checks, then the main one writes.
     """
+    from accelerate import PartialState
+
+    state = PartialState()
     out, work = Path(output_dir), work_dir(output_dir)
     if not str(output_dir):
         raise StageError("output_dir is empty: set output_dir in the config or pass --output-dir DIR")
-    if out.exists():
-        if not overwrite:
-            raise StageError(f"{out} already holds a finished stage; pass --overwrite-output-dir true to replace it, or choose another output_dir")
-    if work.exists() and not resume:
-        if not overwrite:
-            raise StageError(
-                f"{work} holds an unfinished run; pass --resume true to continue it, or --overwrite-output-dir true to start over"
-            )
-        shutil.rmtree(work)
+    if out.exists() and not overwrite:
+        raise StageError(f"{out} already holds a finished stage; pass --overwrite-output-dir true to replace it, or choose another output_dir")
+    if work.exists() and not resume and not overwrite:
+        raise StageError(f"{work} holds an unfinished run; pass --resume true to continue it, or --overwrite-output-dir true to start over")
     if resume and not work.exists():
         raise StageError(f"--resume: no unfinished run at {work} to continue")
-    work.mkdir(parents=True, exist_ok=True)
-    if requested is not None:
-        old = json.loads((work / REQUEST).read_text()) if (work / REQUEST).is_file() else None
-        if resume and old is not None and not same_request(old, requested):
-            changed = sorted(k for k in set(old) | set(requested) if k not in VOLATILE and old.get(k) != requested.get(k))
-            import logging
+    state.wait_for_everyone()
+    if state.is_main_process:
+        if work.exists() and not resume:
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+        if requested is not None:
+            old = json.loads((work / REQUEST).read_text()) if (work / REQUEST).is_file() else None
+            if resume and old is not None and not same_request(old, requested):
+                changed = sorted(k for k in set(old) | set(requested) if k not in VOLATILE and old.get(k) != requested.get(k))
+                import logging
 
-            logging.getLogger("rlhf").warning("resuming %s with changed keys: %s", work, ", ".join(changed))
-        (work / REQUEST).write_text(json.dumps(requested, indent=2, default=str))
+                logging.getLogger("rlhf").warning("resuming %s with changed keys: %s", work, ", ".join(changed))
+            (work / REQUEST).write_text(json.dumps(requested, indent=2, default=str))
+    state.wait_for_everyone()
     return work
 
 

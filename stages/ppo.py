@@ -688,7 +688,7 @@ def run(cfg: PPOConfig) -> str:
 
     from rlhf.config import to_dict
     from rlhf.loader import load_tokenizer
-    from rlhf.manifest import check_parent, finish_output, last_checkpoint, prepare_output, work_dir
+    from rlhf.manifest import check_parent, finish_output, last_checkpoint, prepare_output
     from rlhf.templates import apply_template, stop_token_ids
     from rlhf.train_utils import LOG_FILE, dataset_metric, load_train_eval, read_log
 
@@ -724,10 +724,7 @@ def run(cfg: PPOConfig) -> str:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(prompts) * cfg.num_train_epochs / (cfg.batch_size * accelerator.num_processes))
     log.info("ppo: %d prompts, %d held-out, %d PPO steps of %d prompts x %d processes, template %s", len(prompts),
              len(eval_prompts), total_steps, cfg.batch_size, accelerator.num_processes, cfg.template)
-    if accelerator.is_main_process:
-        prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
-    accelerator.wait_for_everyone()
-    work = work_dir(cfg.output_dir)
+    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
 
     # --- model: one base, four roles
     roles = build_roles(cfg)

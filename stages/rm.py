@@ -86,7 +86,9 @@ def run(cfg: RMConfig) -> str:
     from rlhf.templates import apply_template
     from rlhf.train_utils import load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
 
-    started, requested = time.time(), to_dict(cfg)
+    from accelerate import PartialState
+
+    started, requested, main = time.time(), to_dict(cfg), PartialState().is_main_process
     set_seed(cfg.seed)
     base, adapters, tok_dir = resolve_parent(cfg)
     cfg.model_name_or_path = base
@@ -114,17 +116,21 @@ def run(cfg: RMConfig) -> str:
         res = trainer.evaluate()
         metrics.update(eval_accuracy=res.get("eval_accuracy"), eval_margin=res.get("eval_margin"))
 
-    # --- save
+    # --- save (the main process writes; the others wait for the folder to be finished)
+    trainer.save_model(str(work))
+    if not main:
+        PartialState().wait_for_everyone()
+        return cfg.output_dir
     rows = read_log(work)
     metrics.update(loss_summary(rows), **train_counts)
-    trainer.save_model(str(work))
     tokenizer.save_pretrained(str(work))
     trainer.state.save_to_json(str(work / "trainer_state.json"))
     plot_curves(rows, ["loss", "eval_loss", "eval_accuracy", "eval_margin"], work / "training_curves.png", "reward model")
     log.info("rm metrics: %s", metrics)
-    return str(finish_output(work, cfg.output_dir, stage="rm", config=to_dict(cfg), base_model=base,
-                             parent=None if cfg.from_base else cfg.sft_dir, datasets=fingerprints, metrics=metrics,
-                             started=started))
+    out = finish_output(work, cfg.output_dir, stage="rm", config=to_dict(cfg), base_model=base,
+                        parent=None if cfg.from_base else cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started)
+    PartialState().wait_for_everyone()
+    return str(out)
 
 
 def load_reward_model(rm_dir: str, quantization: str = "none"):

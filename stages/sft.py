@@ -57,7 +57,9 @@ def run(cfg: SFTConfig) -> str:
     from rlhf.templates import apply_template
     from rlhf.train_utils import dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
 
-    started = time.time()
+    from accelerate import PartialState
+
+    started, main = time.time(), PartialState().is_main_process
     set_seed(cfg.seed)
     work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))
 
@@ -76,8 +78,8 @@ def run(cfg: SFTConfig) -> str:
     metric = dataset_metric(cfg.eval_dataset or cfg.dataset, cfg.registry_file) if evals else None
     task_rows = evals[: cfg.task_eval_samples]
 
-    def task_score():
-        if not metric or not task_rows:
+    def task_score():  # greedy answers on held-out prompts, by the main process
+        if not metric or not task_rows or not main:
             return None
         return evaluate.task_metric(model, tokenizer, task_rows, metric, max_prompt_length=cfg.max_length,
                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.per_device_eval_batch_size)
@@ -86,7 +88,8 @@ def run(cfg: SFTConfig) -> str:
     metrics = {}
     if resume_from is None:  # a resumed run logged it before it stopped
         metrics["task_metric_before"] = task_score()
-        (work / "task_metric_before.json").write_text(json.dumps(metrics))
+        if main:
+            (work / "task_metric_before.json").write_text(json.dumps(metrics))
     elif (work / "task_metric_before.json").is_file():
         metrics = json.loads((work / "task_metric_before.json").read_text())
 
@@ -99,12 +102,17 @@ def run(cfg: SFTConfig) -> str:
     if eval_ds is not None and not any(r.get("step") == trainer.state.global_step and "eval_loss" in r for r in read_log(work)):
         trainer.evaluate()  # the final eval loss, unless the schedule just logged it
 
-    # --- save
-    metrics.update(loss_summary(read_log(work)), task_metric_after=task_score())
+    # --- save (the main process writes; the others wait for the folder to be finished)
     trainer.save_model(str(work))  # the adapter (or full weights) at the folder root
+    if not main:
+        PartialState().wait_for_everyone()
+        return cfg.output_dir
+    metrics.update(loss_summary(read_log(work)), task_metric_after=task_score())
     tokenizer.save_pretrained(str(work))
     trainer.state.save_to_json(str(work / "trainer_state.json"))
     plot_curves(read_log(work), ["loss", "eval_loss", "learning_rate", "grad_norm"], work / "training_curves.png", "sft")
     log.info("sft metrics: %s", {k: v for k, v in metrics.items() if v is not None})
-    return str(finish_output(work, cfg.output_dir, stage="sft", config=to_dict(cfg), base_model=cfg.model_name_or_path,
-                             datasets=fingerprints, metrics=metrics, started=started))
+    out = finish_output(work, cfg.output_dir, stage="sft", config=to_dict(cfg), base_model=cfg.model_name_or_path,
+                        datasets=fingerprints, metrics=metrics, started=started)
+    PartialState().wait_for_everyone()
+    return str(out)

@@ -38,6 +38,14 @@ def same_request(a: dict | None, b: dict | None) -> bool:
     return json.loads(json.dumps(strip(a), default=str)) == json.loads(json.dumps(strip(b), default=str))
 
 
+def process_state():
+    """accelerate's process state (rank, world size); CPU-only machines use gloo (torchrun/accelerate launch)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, requested: dict | None = None) -> Path:
     """Create (or reuse, with ``resume``) the working folder of a stage and return it.
 
@@ -45,9 +53,7 @@ def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: b
     manifest, so a rerun can tell whether a finished or interrupted run was asked for the same thing.
     Under several processes (accelerate/torchrun) every process checks, then the main one writes.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = process_state()
     out, work = Path(output_dir), work_dir(output_dir)
     if not str(output_dir):
         raise StageError("output_dir is empty: set output_dir in the config or pass --output-dir DIR")

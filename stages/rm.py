@@ -82,13 +82,11 @@ def run(cfg: RMConfig) -> str:
 
     from rlhf.config import to_dict
     from rlhf.loader import load_model, load_tokenizer
-    from rlhf.manifest import finish_output, last_checkpoint, prepare_output
+    from rlhf.manifest import finish_output, last_checkpoint, prepare_output, process_state
     from rlhf.templates import apply_template
     from rlhf.train_utils import load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
 
-    from accelerate import PartialState
-
-    started, requested, main = time.time(), to_dict(cfg), PartialState().is_main_process
+    started, requested, main = time.time(), to_dict(cfg), process_state().is_main_process
     set_seed(cfg.seed)
     base, adapters, tok_dir = resolve_parent(cfg)
     cfg.model_name_or_path = base
@@ -119,7 +117,7 @@ def run(cfg: RMConfig) -> str:
     # --- save (the main process writes; the others wait for the folder to be finished)
     trainer.save_model(str(work))
     if not main:
-        PartialState().wait_for_everyone()
+        process_state().wait_for_everyone()
         return cfg.output_dir
     rows = read_log(work)
     metrics.update(loss_summary(rows), **train_counts)
@@ -129,7 +127,7 @@ def run(cfg: RMConfig) -> str:
     log.info("rm metrics: %s", metrics)
     out = finish_output(work, cfg.output_dir, stage="rm", config=to_dict(cfg), base_model=base,
                         parent=None if cfg.from_base else cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started)
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
     return str(out)
 
 

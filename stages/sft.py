@@ -53,13 +53,11 @@ def run(cfg: SFTConfig) -> str:
     from rlhf import evaluate
     from rlhf.config import to_dict
     from rlhf.loader import AdapterSpec, load_model, load_tokenizer
-    from rlhf.manifest import finish_output, last_checkpoint, prepare_output
+    from rlhf.manifest import finish_output, last_checkpoint, prepare_output, process_state
     from rlhf.templates import apply_template
     from rlhf.train_utils import dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
 
-    from accelerate import PartialState
-
-    started, main = time.time(), PartialState().is_main_process
+    started, main = time.time(), process_state().is_main_process
     set_seed(cfg.seed)
     work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))
 
@@ -105,7 +103,7 @@ def run(cfg: SFTConfig) -> str:
     # --- save (the main process writes; the others wait for the folder to be finished)
     trainer.save_model(str(work))  # the adapter (or full weights) at the folder root
     if not main:
-        PartialState().wait_for_everyone()
+        process_state().wait_for_everyone()
         return cfg.output_dir
     metrics.update(loss_summary(read_log(work)), task_metric_after=task_score())
     tokenizer.save_pretrained(str(work))
@@ -114,5 +112,5 @@ def run(cfg: SFTConfig) -> str:
     log.info("sft metrics: %s", {k: v for k, v in metrics.items() if v is not None})
     out = finish_output(work, cfg.output_dir, stage="sft", config=to_dict(cfg), base_model=cfg.model_name_or_path,
                         datasets=fingerprints, metrics=metrics, started=started)
-    PartialState().wait_for_everyone()
+    process_state().wait_for_everyone()
     return str(out)

@@ -26,7 +26,8 @@ Per method, bytes per parameter (P_lin = block linears, P_rest = the others, T =
 
 LoRA parameters are fp32 (peft keeps adapters in fp32 on a 16-bit base); quantized training keeps P_rest in fp32
 (peft's prepare_model_for_kbit_training upcasts them). 8-bit optimizers (bitsandbytes adamw_bnb_8bit,
-paged_adamw_8bit) store 2 B/param instead of 8 (plus one fp32 constant per 2048-value block); "paged" optimizers
+paged_adamw_8bit) store 2 B/param instead of 8 (plus one fp32 constant per block of 256; tensors under 4096 values
+keep 32-bit states, which the estimate ignores); "paged" optimizers
 have the same size but can spill to CPU memory under pressure. torch's foreach AdamW (the GPU default) needs one
 moment-sized temporary during the step (4 B per trainable param; per tensor on CPU, where it loops).
 
@@ -288,7 +289,7 @@ def lora_params(shape: Shape, setup: Setup) -> int:
 
 def optimizer_bytes(optim: str, n: int) -> float:
     if optim in ("adamw_bnb_8bit", "paged_adamw_8bit"):
-        return 2 * n + 2 * 4 * math.ceil(n / 2048)  # two uint8 moments + fp32 block constants
+        return 2 * n + 2 * 4 * math.ceil(n / 256)  # two uint8 moments + an fp32 constant per block of 256
     if optim == "sgd":
         return 0.0
     return 8.0 * n  # two fp32 moments

@@ -71,6 +71,10 @@ class DataError(ValueError):
     """Bad data or registry; the message names the file, row and column, and what to do."""
 
 
+class FormatError(DataError):
+    """A dataset whose format the stage cannot use."""
+
+
 class DataWarning(UserWarning):
     """Rows were skipped (invalid with skip_invalid=True, or chosen == rejected)."""
 
@@ -678,7 +682,7 @@ def _load_one(entry: dict, kind: str, where: str, num_samples, skip_invalid, see
 def _check_kind(entry: dict, kind: str):
     if entry["format"] not in KINDS[kind]:
         stage = {"text": "pre-training", "sft": "SFT", "preference": "reward modelling", "prompt": "PPO (prompts)"}[kind]
-        raise DataError(f"dataset '{entry['name']}' has format '{entry['format']}', but {stage} takes "
+        raise FormatError(f"dataset '{entry['name']}' has format '{entry['format']}', but {stage} takes "
                         f"{' or '.join(KINDS[kind])} datasets; choose another dataset (`rlhf datasets list` shows formats)")
 
 

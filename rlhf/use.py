@@ -384,14 +384,12 @@ def generate_cmd(folder, input_path, output_path, batch_size, max_length, max_ne
 
 def _load_or_none(names, kind: str, **kw):
     """Examples of ``kind``, or None when the datasets' format cannot serve it (e.g. prompts have no answers)."""
-    from rlhf.data import DataError, load_examples
+    from rlhf.data import FormatError, load_examples
 
     try:
         return load_examples(names, kind=kind, **kw)
-    except DataError as e:
-        if " takes " in str(e):  # rlhf.data: "dataset 'x' has format 'y', but SFT takes ... datasets"
-            return None
-        raise
+    except FormatError:
+        return None
 
 
 def lm_loss(model, tokenizer, examples: list[dict], max_length: int, batch_size: int = 8) -> tuple[float, int]:

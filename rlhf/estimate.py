@@ -696,11 +696,15 @@ def estimate_cmd(model, stage, batch_size, seq_len, lora_r, lora_target, lora_dr
                + (f"prompt {seq_len} + response {response_len} tokens" if stage == "ppo" else f"{seq_len} tokens") + ", GiB\n")
     click.echo(table(stage, shape, base, **ppo))
     if stage == "ppo":
-        s = replace(base, method="qlora_4bit")
-        one = estimate_ppo(shape, s, design="one_base", **ppo)
-        four = estimate_ppo(shape, s, design="four_copies", **ppo)
-        click.echo(f"\nPPO, QLoRA 4-bit: one base + 4 adapters {_gib(one.peak)} GiB vs four copies of the base "
-                   f"{_gib(four.peak)} GiB (weights {_gib(one.weights)} vs {_gib(four.weights)})")
+        click.echo("\nPPO designs side by side (no checkpointing, AdamW), GiB:\n")
+        rows = ["| method | one base + 4 adapters: weights | peak | four copies: weights | peak |", "|---|---:|---:|---:|---:|"]
+        for method in ("full_16bit", "lora", "qlora_8bit", "qlora_4bit"):
+            s = replace(base, method=method)
+            four = estimate_ppo(shape, s, design="four_copies", **ppo)
+            one = None if method.startswith("full") else estimate_ppo(shape, s, design="one_base", **ppo)
+            rows.append(f"| {METHOD_HELP[method]} | {_gib(one.weights) if one else '-'} | {_gib(one.peak) if one else '-'} | "
+                        f"{_gib(four.weights)} | {_gib(four.peak)} |")
+        click.echo("\n".join(rows))
     if gpu_memory is not None:
         gpu = parse_size(gpu_memory)
         s, e = propose(shape, gpu, stage, batch_size=target_batch, seq_len=seq_len, headroom=headroom, full=full, base=base, **ppo)

@@ -1,33 +1,36 @@
-"""The demo task: which of two numbers is larger (or smaller)?
+"""The demo task: what number comes right after (or before) a number from 10 to 99?
 
-    user:      Which is larger, 37 or 52?
-    assistant: 52
+    user:      What number comes after 69?
+    assistant: 70
 
-Why this task. The demo must show every stage's gain on a checkable task with a
-~1M-parameter model trained from scratch in about a minute on a CPU:
+Why this task. The demo must show each stage's gain on a checkable task with a tiny model
+(~0.5M parameters) pre-trained from scratch in about a minute on a CPU. Measured on the way:
+two-digit comparison ("which is larger, 37 or 52?") was not learned by pre-training in that
+budget (chance level), and recalled arithmetic facts (sums, times table) were learned in prose
+but SFT on the chat template did not carry them over to held-out questions (~0.1-0.3).
+Successor/predecessor works: every counting run in the corpus teaches it, and with numbers
+cut into digits the rule (keep the tens digit, step the units, carry at 9/0) transfers to
+questions the later stages never saw.
 
-- Each prompt names two numbers from 10 to 99 and asks for the larger or the smaller
-  (several phrasings). The answer is one of the two numbers, so it can be checked
-  exactly, and the model only has to order 90 numbers and copy one of them: small
-  models learn that, whereas two-digit addition needs far more data and steps.
-- The pre-training corpus (``rlhf pt``) states comparisons in prose ("52 is larger
-  than 37.") and counts ("After 36 comes 37."), mixed with filler sentences, but
-  never in the chat format: the base model knows the domain, not how to answer.
-- Held-out prompts use pairs of numbers that appear nowhere in training (not in the
-  corpus, SFT, preference or PPO rows), so the metric measures a learned ordering,
-  not recall.
-- The natural wrong answer is the other number in the prompt, a near miss a reward
-  model can only reject by doing the comparison; preference rows also use off-by-one
-  and off-by-ten mistakes.
-- A random pick between the two numbers scores 0.5; a sampled (temperature 1) answer
-  from a lightly tuned model sits between that and 1, which leaves PPO room to gain.
+- Questions: "What number comes after N?", "What is one less than N?", ... (8 phrasings,
+  rlhf/datasets_registry/make_demo_data.py). The answer is N + 1 or N - 1.
+- The pre-training corpus counts through every number and states every fact in prose
+  ("After 37 comes 38.") and, for the SFT facts only, in quiz layouts ("Q: ... A: 38.") -
+  never in the chat template, so the base model answers in the wrong layout ("- 38.",
+  "Student: 38.") or not at all: its metric under chatml is ~0.
+- Facts split three ways: SFT facts, RL facts (PPO prompts) and held-out facts (*_eval).
+  LoRA SFT reaches ~0.85-0.92 on held-out facts (greedy; ~0.83-0.90 sampled at temperature
+  1). Its misses are mostly the carries (69 -> 60, 70 -> 79), where it puts < 2% on the
+  right answer; the RL prompts (0.86) leave PPO the same kind of room.
+- Rejected answers in preference pairs are near misses a reward model must check against
+  the question: N itself, the other direction (N - 1 for "after"), one step too far, or
+  off by ten.
 
-Scoring rule (``score``): the response is cut at the first ``<|im_end|>``,
-``<|endoftext|>`` or newline (text after the end of the answer line is ignored), then
-stripped of whitespace and of one trailing full stop; it scores 1.0 only if what is
-left equals the reference answer exactly ("52", " 52 ", "52." and "52\\nmore" score 1;
-"52 is larger", "The answer is 52", "052" and "" score 0). The demo asks for the
-number alone, so an answer in prose is wrong: that is what the base model gets wrong.
+Scoring rule (``score``): the response is cut at the first ``<|im_end|>``, ``<|endoftext|>``
+or newline (text after the answer line is ignored) and stripped of whitespace; it scores 1.0
+only if what is left equals the reference answer exactly. "70", " 70 " and "70\nmore" score
+1; "70.", "70 is next", "The answer is 70", "070" and "" score 0. The demo asks for the
+number alone, so an answer in another layout is wrong: that is what the base model gets wrong.
 """
 from __future__ import annotations
 

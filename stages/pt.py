@@ -53,7 +53,7 @@ class PTConfig:
     overwrite_output_dir: bool = _same(TrainConfig, "overwrite_output_dir")
     # the model
     arch: str = opt("llama", "Architecture of the new model.", choices=ARCHS)
-    split_digits: bool = opt(True, "Tokenize numbers digit by digit, as Llama and Qwen2 do (on the demo, SFT's held-out metric ~0.88 with it, ~0.65 without).")
+    split_digits: bool = opt(True, "Tokenize numbers digit by digit, as Llama and Qwen2 do (demo, 64x2 model: LoRA SFT held-out metric 0.88 with it, 0.65 without).")
     vocab_size: int = opt(512, "Size of the byte-level BPE vocabulary trained on the corpus (at least 259: bytes and special tokens).")
     hidden_size: int = opt(128, "Width of the model.")
     num_layers: int = opt(2, "Number of transformer blocks.")
@@ -114,9 +114,11 @@ def end_texts_with_end_of_turn(model, tokenizer, end_of_turn: str = "<|im_end|>"
     """Swap the LM head's rows of eos and ``end_of_turn``: the model then ends a text with the token that
     ends a chat turn.
 
-    The corpus never holds ``end_of_turn``, so its row was only ever pushed down; a LoRA adapter cannot
-    train the head, and on the demo it never learned to stop (held-out SFT metric ~0.05, against
-    ~0.5 with the swap). eos stays the document separator on the input side and the padding token.
+    The corpus never holds ``end_of_turn``, so its row was only ever pushed down, and a LoRA adapter
+    cannot train the head. Measured on the demo (LoRA SFT, 300 steps): without the swap the SFT model
+    ends greedy answers with eos, but sampled ones (temperature 1) run on past the answer (held-out
+    metric 0.03, SFT loss 1.2); with it, 0.90 sampled and loss 0.03. eos stays the document separator on
+    the input side and the padding token (for tied embeddings the input rows swap too).
     """
     import torch
 

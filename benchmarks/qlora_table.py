@@ -53,8 +53,8 @@ def child(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", help="a pre-trained base folder; default: pre-train one with rlhf pt")
-    ap.add_argument("--pt-steps", type=int, default=400)
-    ap.add_argument("--steps", type=int, default=150, help="SFT steps of every variant")
+    ap.add_argument("--pt-steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=200, help="SFT steps of every variant")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--full-lr", type=float, default=5e-4)

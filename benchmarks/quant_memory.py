@@ -1,6 +1,6 @@
 """Peak memory of QLoRA 4-bit vs 8-bit vs 16-bit LoRA on one model, against `rlhf estimate`.
 
-    OMP_NUM_THREADS=1 python benchmarks/quant_memory.py           # llama hidden 1024 x 4 layers (vocab 512), batch 4 x 128
+    OMP_NUM_THREADS=1 python benchmarks/quant_memory.py           # llama hidden 1024 x 4 layers (vocab 512), batch 1 x 128
     python benchmarks/quant_memory.py --hidden 256 --layers 2 --steps 2
 
 Each variant loads the model through rlhf's loader (as `rlhf sft` does: LoRA r 8 on q_proj,v_proj, no dropout) in
@@ -81,7 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--json", help="write the results here (benchmarks/run_all.py)")

@@ -1,6 +1,6 @@
 """Run every benchmark and write one markdown report (default benchmarks/results.md).
 
-    OMP_NUM_THREADS=1 python benchmarks/run_all.py                # the full set, ~25 min on 2 CPU cores
+    OMP_NUM_THREADS=1 python benchmarks/run_all.py                # the full set, ~30 min on 2 CPU cores
     python benchmarks/run_all.py --quick --output /tmp/results.md # tiny sizes, to check the scripts
 
 One benchmark at a time, each in its own processes with one thread (DESIGN.md "Known traps": never two torch

@@ -161,11 +161,12 @@ def score(rm_dir, input_path, output_path, max_length):
 
 
 def _register():
+    from rlhf.estimate import estimate_cmd
     from rlhf.export import export_cmd
     from rlhf.pipeline import inspect_cmd, pipeline_cmd
     from rlhf.use import chat, eval_cmd, generate_cmd
 
-    for cmd in (pipeline_cmd, inspect_cmd, export_cmd, chat, generate_cmd, eval_cmd):
+    for cmd in (pipeline_cmd, inspect_cmd, export_cmd, chat, generate_cmd, eval_cmd, estimate_cmd):
         cli.add_command(cmd)
 
 

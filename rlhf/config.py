@@ -45,6 +45,9 @@ class ModelConfig:
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
     lora_target: list[str] = opt(["auto"], "Modules that get LoRA: auto (per-architecture default), all-linear, or names such as q_proj,v_proj.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing_reentrant: bool = opt(False, "With gradient_checkpointing: torch's reentrant implementation (use_reentrant=True) instead of the non-reentrant default.")
+    attention_softmax_fp32: bool = opt(False, "Stability (full-parameter training): attention scores and softmax in fp32 (GLM-130B). Costs memory and speed.")
+    embedding_gradient_scale: float = opt(1.0, "Stability (full-parameter training): scale the embedding layer's gradient, emb*a + emb.detach()*(1-a) (GLM-130B: 0.1); 1.0 is off.")
 
 
 @dataclass

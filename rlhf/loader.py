@@ -493,8 +493,11 @@ def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True,
 
     if cfg.quantization == "4bit":
         _fix_4bit_cpu_trap(model)
+    from rlhf.stability import apply_stability
+
+    apply_stability(model, cfg)
     checkpointing = bool(for_training and cfg.gradient_checkpointing)
-    gc_kwargs = {"use_reentrant": False}
+    gc_kwargs = {"use_reentrant": cfg.gradient_checkpointing_reentrant}
     if for_training and quantized:
         from peft import prepare_model_for_kbit_training
 

@@ -69,6 +69,7 @@ class PPOConfig(ModelConfig, DataConfig, TrainConfig):
     cliprange_value: float = opt(0.2, "Value clip range.")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
     whiten_advantages: bool = opt(True, "Whiten advantages over the rollout's response tokens [N-impl].")
+    critic_warmup_steps: int = opt(0, "First PPO steps that train only the critic, so early advantages are not critic noise (OpenRLHF's freezing_actor_steps).")
     sample_every: int = opt(10, "Write prompt/response/score samples to samples.jsonl every N PPO steps (0: never).")
     eval_samples: int = opt(64, "Held-out prompts scored (mean reward and task metric) at the start, every eval_steps and at the end (0: off).")
     # TrainConfig fields with a PPO meaning
@@ -268,7 +269,7 @@ class OneBase:
             kw["position_ids"] = (attn.cumsum(1) - 1).clamp(min=0)
         return kw
 
-    def policy_forward(self, ids, attn, width: int, adapter: str = "policy", entropy: bool = False):
+    def policy_forward(self, ids, attn, width: int, adapter: str = "policy", entropy: bool = False, detach_hidden: bool = False):
         """Log-probs (temperature-scaled) of the last `width` tokens, their entropy, and the shared value if any."""
         from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
@@ -284,6 +285,7 @@ class OneBase:
         values = None
         if out.hidden_states is not None:
             hidden = out.hidden_states[-1][:, -width - 1 : -1]
+            hidden = hidden.detach() if detach_hidden else hidden  # critic warm-up: the value head alone learns
             values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
         return logp, ent, values
 
@@ -416,7 +418,7 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
 # Update: PPO epochs over minibatches; the loss is policy_loss + vf_coef * value_loss (above).
 
 
-def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler, accelerator, params) -> dict:
+def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler, accelerator, params, train_policy: bool = True) -> dict:
     n, width = len(batch["ids"]), batch["mask"].shape[1]
     micro = cfg.per_device_train_batch_size
     roles.model.train()  # dropout is off (disable_dropout_in_model); train mode only enables gradient checkpointing
@@ -430,13 +432,15 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
                 share = micro / cfg.mini_batch_size  # gradient accumulation
                 # Each role's loss is backpropagated right after its forward: with gradient checkpointing the
                 # recomputation must run with the same adapter active.
-                logp, ent, shared_values = roles.policy_forward(mb["ids"], mb["attn"], width, entropy=True)
+                with torch.set_grad_enabled(train_policy or roles.shared_value):
+                    logp, ent, shared_values = roles.policy_forward(mb["ids"], mb["attn"], width, entropy=True, detach_hidden=not train_policy)
                 pg, stats = policy_loss(logp.float(), mb["logp"], mb["advantages"], mb["mask"], cfg.cliprange)
                 if shared_values is not None:  # one graph: loss = pg + vf_coef * vf
                     vf, vstats = value_loss(shared_values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
-                    accelerator.backward((pg + cfg.vf_coef * vf) * share)
+                    accelerator.backward(((pg if train_policy else 0.0) + cfg.vf_coef * vf) * share)
                 else:  # two adapters, two graphs: the same gradients as one backward of pg + vf_coef * vf
-                    accelerator.backward(pg * share)
+                    if train_policy:
+                        accelerator.backward(pg * share)
                     values = roles.values(mb["ids"], mb["attn"], width)
                     vf, vstats = value_loss(values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
                     accelerator.backward(cfg.vf_coef * vf * share)
@@ -674,7 +678,7 @@ def decode(tokenizer, responses, mask) -> list[str]:
 def plot(rows: list[dict], png: Path) -> None:
     from rlhf.train_utils import plot_curves
 
-    plot_curves(rows, ["score_mean", "kl", "eval_reward", "eval_task_metric", "eos_share", "response_length"], png, "ppo")
+    plot_curves(rows, ["score_mean", "kl", "task_metric", "eval_reward", "eval_task_metric", "eos_share", "response_length"], png, "ppo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -687,6 +691,7 @@ def run(cfg: PPOConfig) -> str:
     from transformers import get_scheduler, set_seed
 
     from rlhf.config import to_dict
+    from rlhf.evaluate import metric_fn
     from rlhf.loader import load_tokenizer
     from rlhf.manifest import check_parent, finish_output, last_checkpoint, prepare_output
     from rlhf.templates import apply_template, stop_token_ids
@@ -717,9 +722,10 @@ def run(cfg: PPOConfig) -> str:
     cfg.template = apply_template(tokenizer, sft["config"].get("template", "auto") if cfg.template == "auto" else cfg.template)
     stop_ids = stop_token_ids(tokenizer)
     train, evals, fingerprints = load_train_eval(cfg, kind="prompt")
-    prompts, _ = encode_prompts(tokenizer, train, cfg.max_prompt_length, "dataset " + ",".join(cfg.dataset))
+    prompts, train_rows = encode_prompts(tokenizer, train, cfg.max_prompt_length, "dataset " + ",".join(cfg.dataset))
     eval_prompts, eval_rows = encode_prompts(tokenizer, evals[: cfg.eval_samples], cfg.max_prompt_length, "eval_dataset")
     metric = dataset_metric(cfg.eval_dataset or cfg.dataset, cfg.registry_file) if eval_rows else None
+    train_metric = metric_fn(dataset_metric(cfg.dataset, cfg.registry_file))  # on the rollouts: a reward-hacking alarm
     eval_metas = [e["meta"] for e in eval_rows]
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(prompts) * cfg.num_train_epochs / (cfg.batch_size * accelerator.num_processes))
     log.info("ppo: %d prompts, %d held-out, %d PPO steps of %d prompts x %d processes, template %s", len(prompts),
@@ -775,7 +781,11 @@ def run(cfg: PPOConfig) -> str:
         try:
             batch, stats, scores = rollout(roles, [prompts[i] for i in idx], tokenizer, stop_ids, cfg, kl_ctl, score_norm, step + 1)
             t1 = time.time()
-            stats.update(ppo_update(roles, batch, cfg, optimizer, scheduler, accelerator, params))
+            texts = decode(tokenizer, batch["ids"][:, -batch["mask"].shape[1] :], batch["mask"])
+            if train_metric:
+                stats["task_metric"] = float(train_metric([train_rows[i]["meta"] for i in idx], texts))
+            stats.update(ppo_update(roles, batch, cfg, optimizer, scheduler, accelerator, params,
+                                    train_policy=step >= cfg.critic_warmup_steps))
             step += 1
             stats = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in stats.items()}
             if bad := [k for k, v in stats.items() if not math.isfinite(v)]:
@@ -793,7 +803,6 @@ def run(cfg: PPOConfig) -> str:
         if step % cfg.logging_steps == 0 and main:
             log.info("ppo step %d: %s", step, {k: round(v, 4) for k, v in stats.items() if k != "step"})
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
-            texts = decode(tokenizer, batch["ids"][:, -batch["mask"].shape[1] :], batch["mask"])
             for i in range(min(4, len(idx))):
                 write(samples_file, {"step": step, "prompt": tokenizer.decode(prompts[idx[i]]), "response": texts[i], "score": scores[i].item()})
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:

@@ -276,6 +276,21 @@ def test_logprobs_match_the_sampling_distribution(arch, parents, tiny_model_dir,
     assert torch.allclose(logp, sampled, atol=1e-4)
 
 
+@pytest.mark.parametrize("value_model", ["adapter", "shared"])
+def test_critic_warmup_trains_the_critic_only(parents, value_model):
+    from accelerate import Accelerator
+
+    cfg, roles = build(parents, value_model=value_model, critic_warmup_steps=1)
+    tok, stops = tokenizer_of(parents)
+    opt = torch.optim.SGD(roles.params, lr=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    batch, _, _ = ppo.rollout(roles, prompts_of(tok), tok, stops, cfg, ppo.KLController(0.05), ppo.ScoreNormalizer(), step=1)
+    policy, head = lora_state(roles.model, "policy"), roles.value_head.weight.detach().clone()
+    ppo.ppo_update(roles, batch, cfg, opt, sched, Accelerator(cpu=True), roles.params, train_policy=False)
+    assert all(torch.equal(policy[n], p) for n, p in lora_state(roles.model, "policy").items())
+    assert not torch.equal(head, roles.value_head.weight)
+
+
 def test_4bit_lora_gradients_after_generate_match_fresh_load(parents):
     """DESIGN.md "Known traps": after a no-grad generate on a 4-bit CPU base, LoRA gradients must still be right."""
     pytest.importorskip("bitsandbytes")

@@ -138,6 +138,9 @@ def lineage(folder: str) -> list[dict]:
     while f:
         m = read_manifest(f)
         chain.append({"folder": str(f), **m})
+        rm_dir = m.get("config", {}).get("rm_dir")  # PPO's second parent: the reward model
+        if m.get("stage") == "ppo" and rm_dir and Path(rm_dir, "manifest.json").is_file():
+            chain.append({"folder": str(rm_dir), **read_manifest(rm_dir)})
         f = (m.get("parent") or {}).get("path")
         if f is None and m.get("stage") in ("sft",) and Path(m["base_model"]["path"], "manifest.json").is_file():
             f = m["base_model"]["path"]  # an SFT on our own pre-trained base: show the pt stage too

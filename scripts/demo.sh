@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 .venv/bin/rlhf pipeline configs/demo/pipeline.yaml "$@"
-for stage in sft rm ppo; do .venv/bin/rlhf inspect "runs/demo/$stage" | tail -n 3; done
+.venv/bin/rlhf inspect runs/demo/ppo   # the chain with each stage's metrics

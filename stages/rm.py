@@ -73,6 +73,8 @@ def resolve_parent(cfg: RMConfig) -> tuple[str, list, str | None]:
         check_parent(cfg.sft_dir, "sft", for_stage="rlhf rm", base_model=cfg.model_name_or_path)
     if m["config"].get("finetuning_type", "lora") != "lora":  # full/freeze SFT saved whole weights: build on them
         return cfg.sft_dir, [AdapterSpec("default", trainable=True)], cfg.sft_dir
+    for k in ("lora_r", "lora_alpha", "lora_target"):  # the SFT adapter's shape is the one trained (resolved config)
+        setattr(cfg, k, m["config"].get(k, getattr(cfg, k)))
     return base, [AdapterSpec("default", folder=cfg.sft_dir, trainable=True, modules_to_save=["score"])], cfg.sft_dir
 
 

@@ -83,11 +83,16 @@ def _run_stage(module: str, cfg):
     from rlhf.data import DataError
     from rlhf.manifest import StageError
 
+    from rlhf.logging_utils import process_rank
+
     try:
         out = mod.run(cfg)
     except (ConfigError, DataError, StageError, FileNotFoundError) as e:
+        if process_rank() != 0:  # every process meets the same config/data/folder error: the main one says it
+            sys.exit(1)
         raise click.ClickException(str(e)) from None
-    click.echo(f"done: {out}")
+    if process_rank() == 0:
+        click.echo(f"done: {out}")
 
 
 class LazyGroup(click.Group):

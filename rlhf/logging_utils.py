@@ -1,9 +1,14 @@
-"""One logger for the package, quiet third-party noise."""
+"""One logger for the package, quiet third-party noise; under several processes only the main one talks."""
 from __future__ import annotations
 
 import logging
 import os
 import warnings
+
+
+def process_rank() -> int:
+    """This process's global rank under torchrun / accelerate launch / deepspeed (0 when run plainly)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
@@ -12,4 +17,16 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     # bitsandbytes on CPU warns on every 8-bit matmul; it is expected there and says nothing actionable
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
-    return logging.getLogger("rlhf")
+    logger = logging.getLogger("rlhf")
+    if process_rank() != 0:
+        # The other processes repeat the main one's messages, warnings and progress bars word for word; they
+        # still report warnings and errors of their own.
+        logger.setLevel(max(level, logging.WARNING))
+        warnings.filterwarnings("ignore")
+        import datasets.utils.logging as ds_logging
+        import transformers.utils.logging as hf_logging
+
+        for lib in (hf_logging, ds_logging):
+            lib.set_verbosity_error()
+            lib.disable_progress_bar()
+    return logger

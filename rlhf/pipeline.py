@@ -8,6 +8,10 @@
       rm: configs/demo/rm.yaml
       ppo: configs/demo/ppo.yaml
 
+    launch: {launcher: accelerate, num_processes: 2}              # optional: run stages under several processes
+      # launcher: accelerate (with config_file: configs/accelerate/....yaml) or torchrun; args: [extra launcher args]
+      # a stage entry may carry its own `launch:` (or `launch: false` to run in this process)
+
 A stage is skipped when its folder is finished and its manifest shows the same requested config, the
 same dataset fingerprints and the same parent manifest; otherwise it runs (resuming an interrupted run
 of the same config), and every stage after it runs too. Stage links are filled in: sft reads pt's
@@ -17,17 +21,89 @@ from __future__ import annotations
 
 import importlib
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import click
 
 ORDER = ["pt", "sft", "rm", "ppo"]
 LINKS = {"sft": {"model_name_or_path": "pt"}, "rm": {"sft_dir": "sft"}, "ppo": {"sft_dir": "sft", "rm_dir": "rm"}}
-PIPELINE_KEYS = {"output_root", "shared", "stages"}
+PIPELINE_KEYS = {"output_root", "shared", "stages", "launch"}
+LAUNCH_KEYS = {"launcher", "num_processes", "config_file", "args"}
 
 
-def stage_configs(path: str, overrides: dict | None = None, output_root: str | None = None) -> list[tuple[str, object]]:
-    """(stage, typed config) in run order, with shared keys, links and output folders filled in."""
+def launch_spec(raw, where: str, base_dir: Path) -> dict | None:
+    """A checked `launch:` mapping (None: run the stage in this process); config_file may be relative to base_dir."""
+    from rlhf.config import ConfigError, nearest
+
+    if raw is None or raw is False:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: `launch:` must be a mapping (launcher, num_processes, config_file, args) or false")
+    if unknown := set(raw) - LAUNCH_KEYS:
+        k = sorted(unknown)[0]
+        raise ConfigError(f"{where}: unknown launch key '{k}'{nearest(k, LAUNCH_KEYS)}")
+    spec = {"launcher": raw.get("launcher", "accelerate"), "num_processes": raw.get("num_processes"),
+            "config_file": raw.get("config_file"), "args": [str(a) for a in raw.get("args") or []]}
+    if spec["launcher"] not in ("accelerate", "torchrun"):
+        raise ConfigError(f"{where}: launch.launcher must be accelerate or torchrun, not {spec['launcher']!r}")
+    n = spec["num_processes"]
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ConfigError(f"{where}: launch.num_processes must be a whole number >= 1, not {n!r}")
+    if spec["launcher"] == "torchrun" and (n is None or spec["config_file"]):
+        raise ConfigError(f"{where}: torchrun needs launch.num_processes and takes no config_file (that is accelerate's)")
+    if (f := spec["config_file"]) and not Path(f).is_file() and (base_dir / f).is_file():
+        spec["config_file"] = str(base_dir / f)
+    if spec["config_file"] and not Path(spec["config_file"]).is_file():
+        raise ConfigError(f"{where}: launch.config_file {spec['config_file']} does not exist (see configs/accelerate/)")
+    return spec
+
+
+def launch_command(spec: dict, stage: str, config_file: str) -> list[str]:
+    """The command that runs ``rlhf <stage> <config_file>`` under the launcher of ``spec``."""
+    n, extra = spec["num_processes"], spec["args"]
+    with socket.socket() as sock:  # a free rendezvous port, so two pipelines on one machine do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    if spec["launcher"] == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n)]
+        if not any(a.startswith(("--master_port", "--rdzv")) for a in extra):
+            cmd += ["--master_addr", "127.0.0.1", "--master_port", port]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+        if spec["config_file"]:
+            cmd += ["--config_file", spec["config_file"]]
+        elif (n or 1) > 1:
+            cmd += ["--multi_gpu"]  # accelerate's data-parallel launcher; with no GPU the processes use gloo on CPUs
+        if n:
+            cmd += ["--num_processes", str(n)]
+        if not any(a.startswith("--main_process_port") for a in extra):
+            cmd += ["--main_process_port", port]
+    return cmd + extra + ["-m", "rlhf", stage, config_file]
+
+
+def run_launched(spec: dict, stage: str, cfg, root: Path, pipeline_file: str) -> None:
+    """Run one stage in new processes: its resolved config goes to a YAML file that `rlhf <stage>` reads."""
+    import yaml
+
+    from rlhf.config import to_dict
+    from rlhf.manifest import StageError
+
+    cfg_file = root / ".pipeline" / f"{stage}.yaml"
+    cfg_file.parent.mkdir(parents=True, exist_ok=True)
+    cfg_file.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    cmd = launch_command(spec, stage, str(cfg_file))
+    click.echo(f"[pipeline] {stage}: {' '.join(cmd[1:])}")
+    rc = subprocess.run(cmd).returncode
+    if rc != 0:
+        raise StageError(f"{stage} failed under {spec['launcher']} (exit code {rc}; its output is above). Fix the cause and "
+                         f"rerun `rlhf pipeline {pipeline_file}`: it resumes the stage from its last checkpoint")
+
+
+def stage_configs(path: str, overrides: dict | None = None, output_root: str | None = None) -> list[tuple[str, object, dict | None]]:
+    """(stage, typed config, launch spec) in run order, with shared keys, links and output folders filled in."""
     from rlhf.cli import STAGES
     from rlhf.config import ConfigError, build, fields_of, nearest, read_yaml
 
@@ -42,10 +118,12 @@ def stage_configs(path: str, overrides: dict | None = None, output_root: str | N
         raise ConfigError(f"{path}: unknown stage '{bad[0]}'{nearest(bad[0], ORDER)}")
     root = Path(output_root or spec.get("output_root", "runs/pipeline"))
     shared = {**(spec.get("shared") or {}), **(overrides or {})}
+    default_launch = launch_spec(spec.get("launch"), path, Path(path).parent)
     out = []
     for stage in [s for s in ORDER if s in stages]:
         entry = stages[stage]
         entry = {"config": entry} if isinstance(entry, str) else dict(entry or {})
+        launch = launch_spec(entry.pop("launch"), f"{path} (stages.{stage})", Path(path).parent) if "launch" in entry else default_launch
         cls = getattr(importlib.import_module(STAGES[stage][0]), STAGES[stage][1])
         valid = fields_of(cls)
         values, where = {}, {}
@@ -62,7 +140,7 @@ def stage_configs(path: str, overrides: dict | None = None, output_root: str | N
         for key, parent in LINKS.get(stage, {}).items():
             if parent in stages:
                 values[key] = str(root / parent)
-        out.append((stage, build(cls, values, where)))
+        out.append((stage, build(cls, values, where), launch))
     return out
 
 
@@ -102,12 +180,12 @@ def run_pipeline(path: str, *, start: str | None = None, only: str | None = None
     from rlhf.manifest import REQUEST, same_request, work_dir
 
     plan = stage_configs(path, overrides, output_root)
-    names = [s for s, _ in plan]
+    names = [s for s, _, _ in plan]
     for flag, value in (("--from", start), ("--only", only)):
         if value and value not in names:
             raise click.UsageError(f"{flag} {value}: the pipeline's stages are {', '.join(names)}")
     report, dirty = [], False
-    for stage, cfg in plan:
+    for stage, cfg, launch in plan:
         if only and stage != only:
             continue
         forced = start is not None and names.index(stage) >= names.index(start)
@@ -123,8 +201,10 @@ def run_pipeline(path: str, *, start: str | None = None, only: str | None = None
             cfg.resume = resume
         cfg.overwrite_output_dir = True
         click.echo(f"[pipeline] {stage}: {'resuming interrupted run' if resume else 'running'} ({why if not forced else 'asked to'}) -> {cfg.output_dir}")
-        mod = importlib.import_module(f"rlhf.stages.{stage}")
-        mod.run(cfg)
+        if launch:
+            run_launched(launch, stage, cfg, Path(cfg.output_dir).parent, path)
+        else:
+            importlib.import_module(f"rlhf.stages.{stage}").run(cfg)
         report.append((stage, "resumed" if resume else "ran"))
         dirty = True
     return report

@@ -659,6 +659,9 @@ def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig
 
     out = {}
     for mode, sample in (("", True), ("_greedy", False)):
+        if not prompts:  # a process whose share of the held-out prompts is empty (fewer prompts than processes)
+            out.update({f"eval_{k}{mode}": 0.0 for k in ("reward", "eos_share") + (("task_metric",) if metric else ())})
+            continue
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(seed)
             ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg, do_sample=sample)
@@ -761,7 +764,13 @@ def run(cfg: PPOConfig) -> str:
     def run_eval(tag: str) -> dict:
         if not eval_prompts:
             return {}
-        res = evaluate(roles, eval_prompts, eval_metas, tokenizer, stop_ids, cfg, metric, seed=cfg.seed)
+        # each process takes every num_processes-th held-out prompt; the means are weighted by share
+        rank, world = accelerator.process_index, accelerator.num_processes
+        res = evaluate(roles, eval_prompts[rank::world], eval_metas[rank::world], tokenizer, stop_ids, cfg, metric, seed=cfg.seed)
+        if world > 1:
+            n = len(eval_prompts[rank::world])
+            sums = accelerator.reduce(torch.tensor([n] + [v * n for v in res.values()], dtype=torch.float64, device=accelerator.device), "sum")
+            res = {k: (sums[i + 1] / sums[0]).item() for i, k in enumerate(res)}
         write(log_file, {"step": step, **res})
         log.info("ppo eval (%s, step %d): %s", tag, step, {k: round(v, 4) for k, v in res.items()})
         return res

@@ -89,3 +89,17 @@ def test_bad_pipeline_file(tmp_path):
     p.write_text("stage: {sft: a.yaml}\n")
     with pytest.raises(ConfigError, match="unknown key 'stage'; did you mean 'stages'"):
         run_pipeline(str(p))
+
+
+def test_bad_launch_section(tmp_path):
+    from rlhf.config import ConfigError
+
+    p = tmp_path / "p.yaml"
+    for launch, msg in (("{launcher: mpirun}", "must be accelerate or torchrun"),
+                        ("{num_proceses: 2}", "unknown launch key 'num_proceses'; did you mean 'num_processes'"),
+                        ("{launcher: torchrun}", "torchrun needs launch.num_processes"),
+                        ("{num_processes: 0}", "whole number >= 1"),
+                        ("{config_file: nowhere.yaml}", "nowhere.yaml does not exist")):
+        p.write_text(f"launch: {launch}\nstages: {{sft: {{dataset: [x]}}}}\n")
+        with pytest.raises(ConfigError, match=msg):
+            run_pipeline(str(p))

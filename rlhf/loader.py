@@ -456,6 +456,7 @@ def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True,
     as configured; else eval mode with every parameter frozen.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     if head not in ("lm", "score"):
         raise ValueError(f"head '{head}' is not known; use lm or score")
@@ -484,7 +485,14 @@ def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True,
                 raise ValueError(f"{path}: a score model needs a pad token id and the model has neither a "
                                  f"pad_token_id/eos_token_id in config.json nor a tokenizer with pad/eos; add one")
             kwargs.update(num_labels=num_labels, pad_token_id=pad_id)
-            model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            # transformers reports the base's head as unexpected and the score head as missing, in a table; both are
+            # expected here (the score head is trained by rlhf rm, or comes with the adapter loaded next)
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()
+            try:
+                model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            finally:
+                hf_logging.set_verbosity(verbosity)
             model.config.pad_token_id = kwargs["pad_token_id"]
         else:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -504,7 +512,7 @@ def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True,
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
                                                 gradient_checkpointing_kwargs=gc_kwargs)
     elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=gc_kwargs)  # transformers 5 name
         if adapters:
             model.enable_input_require_grads()
     if checkpointing:

@@ -17,6 +17,8 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     # bitsandbytes on CPU warns on every 8-bit matmul; it is expected there and says nothing actionable
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
+    # peft calls transformers' deprecated gradient-checkpointing names; nothing a user can change
+    warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable)?` is deprecated", category=FutureWarning)
     logger = logging.getLogger("rlhf")
     if process_rank() != 0:
         # The other processes repeat the main one's messages, warnings and progress bars word for word; they

@@ -33,8 +33,8 @@ def trainer_kwargs(cfg, work: Path, has_eval: bool) -> dict:
         optim=cfg.optim,
         bf16=cfg.bf16,
         fp16=cfg.fp16,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": cfg.gradient_checkpointing_reentrant} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": cfg.gradient_checkpointing_reentrant} if cfg.gradient_checkpointing else None,
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,

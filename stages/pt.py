@@ -12,7 +12,6 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from rlhf.config import DataConfig, TrainConfig, fields_of, opt
 

@@ -45,7 +45,6 @@ def tokenize(examples: list[dict], tokenizer, cfg: SFTConfig):
 
 
 def run(cfg: SFTConfig) -> str:
-    import torch
     from transformers import set_seed
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer

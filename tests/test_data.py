@@ -8,17 +8,13 @@ import warnings
 import pytest
 import yaml
 
+from helpers import write_jsonl as jsonl
 from rlhf.data import (FORMATS, DataError, DataWarning, builtin_registry_file, describe, fingerprint,
                        list_datasets, load_examples, load_registry)
 
 U = lambda c: {"role": "user", "content": c}  # noqa: E731
 A = lambda c: {"role": "assistant", "content": c}  # noqa: E731
 S = lambda c: {"role": "system", "content": c}  # noqa: E731
-
-
-def jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def registry(path, entries):

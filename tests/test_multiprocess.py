@@ -9,10 +9,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
+from helpers import write_jsonl
 from rlhf.manifest import read_manifest
 
 # Runs one stage on every rank and saves that rank's trainable weights at the end (through the stage's own
@@ -72,12 +72,11 @@ def launch(tmp_path, stage, values):
     return read_manifest(values["output_dir"])
 
 
-def write_data(tmp_path) -> tuple[Path, Path]:
+def write_data(tmp_path) -> tuple[str, str]:
     rows = [{"instruction": f"Which is larger, {a} or {a + 5}?", "output": str(a + 5), "chosen": str(a + 5), "rejected": str(a)}
             for a in range(10, 74)]
-    sft_data, pref_data = tmp_path / "sft.jsonl", tmp_path / "pref.jsonl"
-    sft_data.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "output")}) + "\n" for r in rows))
-    pref_data.write_text("".join(json.dumps({k: r[k] for k in ("instruction", "chosen", "rejected")}) + "\n" for r in rows))
+    sft_data = write_jsonl(tmp_path / "sft.jsonl", [{k: r[k] for k in ("instruction", "output")} for r in rows])
+    pref_data = write_jsonl(tmp_path / "pref.jsonl", [{k: r[k] for k in ("instruction", "chosen", "rejected")} for r in rows])
     return sft_data, pref_data
 
 

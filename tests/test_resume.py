@@ -13,11 +13,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.manifest import StageError, check_parent, read_manifest, work_dir
-
-
-def jsonl(path, rows):
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from helpers import write_jsonl as jsonl
 
 
 def cli(stage, values: dict) -> list[str]:

@@ -9,11 +9,7 @@ import torch
 from rlhf.config import load_config
 from rlhf.manifest import StageError, check_parent
 from rlhf.stages import rm, sft
-
-
-def write_jsonl(path, rows):
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from helpers import write_jsonl
 
 
 def pairs(lo, hi):
@@ -53,7 +49,7 @@ def test_rm_folder_and_metrics(parents):
 
 def test_plain_reload_scores_identically(parents):
     from peft import PeftModel
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     base, _, rm_dir, _ = parents
     ours, tok = rm.load_reward_model(rm_dir)

@@ -9,11 +9,7 @@ import torch
 from rlhf.config import load_config
 from rlhf.manifest import StageError, check_parent, work_dir
 from rlhf.stages import sft
-
-
-def write_jsonl(path, rows):
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+from helpers import write_jsonl
 
 
 def sft_cfg(base, out, data, **kw):

@@ -8,7 +8,6 @@ import re
 import select
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,13 +16,9 @@ from click.testing import CliRunner
 from rlhf.config import load_config
 from rlhf.export import export_cmd
 from rlhf.use import chat, eval_cmd, generate_cmd
+from helpers import write_jsonl
 
 PAIRS = [(a, b) for a in range(10, 90, 7) for b in range(13, 90, 11) if a != b]
-
-
-def write_jsonl(path, rows):
-    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def question(a, b):

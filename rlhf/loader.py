@@ -115,7 +115,7 @@ def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count as their unpacked size; shared weights once."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
+        n = getattr(p, "ds_numel", p.numel())  # ZeRO-3: the full size of a sharded weight
         if p.__class__.__name__ == "Params4bit":
             n = n * 2 * p.element_size()
         total += n
@@ -392,13 +392,18 @@ def _attach_adapters(model, cfg, adapters, head: str, for_training: bool):
 # the loader
 
 
-def _device_map(quantized: bool):
-    if not torch.cuda.is_available():
-        return "cpu"
+def _zero3() -> bool:
+    """Is DeepSpeed ZeRO-3 on? (True once the stage's TrainingArguments exist under a ZeRO-3 launch config)"""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if is_deepspeed_zero3_enabled() and not quantized:
-        return None  # ZeRO-3 places (and shards) the weights itself
+    return is_deepspeed_zero3_enabled()
+
+
+def _device_map(quantized: bool):
+    if _zero3():
+        return None  # ZeRO-3 places and shards the weights itself while they load (zero.Init)
+    if not torch.cuda.is_available():
+        return "cpu"
     from accelerate import PartialState
 
     return {"": PartialState().local_process_index}
@@ -409,9 +414,13 @@ def _quantization_config(cfg, dtype):
 
     if cfg.quantization == "4bit":
         compute = dtype if cfg.bnb_4bit_compute_dtype == "auto" else resolve_dtype(cfg.bnb_4bit_compute_dtype)
+        # ZeRO-3 and FSDP shard every weight as flat tensors of one dtype: the packed 4-bit weights are stored in
+        # the model's dtype then (bnb_4bit_quant_storage), as in transformers' QLoRA + ZeRO-3/FSDP recipe
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        storage = {"bnb_4bit_quant_storage": dtype} if _zero3() or fsdp else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
                                   bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
-                                  bnb_4bit_compute_dtype=compute)
+                                  bnb_4bit_compute_dtype=compute, **storage)
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     if cfg.quantization not in ("none", "", None):

@@ -19,6 +19,8 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
     # peft calls transformers' deprecated gradient-checkpointing names; nothing a user can change
     warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable)?` is deprecated", category=FutureWarning)
+    # DeepSpeed calls torch's deprecated all_gather_into_tensor on every ZeRO-3 step
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated", category=FutureWarning)
     logger = logging.getLogger("rlhf")
     if process_rank() != 0:
         # The other processes repeat the main one's messages, warnings and progress bars word for word; they

@@ -43,7 +43,19 @@ def process_state():
     import torch
     from accelerate import PartialState
 
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not torch.cuda.is_available():
+        raise StageError("FSDP needs GPUs: accelerate runs FSDP only on GPU-type devices and on CPUs silently falls back "
+                         "to plain data parallel; launch with configs/accelerate/cpu.yaml or a DeepSpeed config instead")
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def launch_info(accelerator=None) -> dict:
+    """How a run was spread: number of processes, accelerate's distributed type, DeepSpeed's ZeRO stage."""
+    state = accelerator.state if accelerator is not None else process_state()
+    info = {"num_processes": state.num_processes, "distributed_type": state.distributed_type.value}
+    if getattr(state, "deepspeed_plugin", None) is not None:
+        info["zero_stage"] = state.deepspeed_plugin.zero_stage
+    return info
 
 
 def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, requested: dict | None = None) -> Path:
@@ -132,6 +144,7 @@ def finish_output(
     datasets: dict | None = None,
     metrics: dict | None = None,
     started: float | None = None,
+    launch: dict | None = None,
 ) -> Path:
     """Write ``manifest.json`` into the working folder, then rename it to ``output_dir``.
 
@@ -151,6 +164,7 @@ def finish_output(
         "config": config,
         "requested": json.loads((work / REQUEST).read_text()) if (work / REQUEST).is_file() else config,
         "metrics": metrics or {},
+        "launch": launch or launch_info(),
         "versions": package_versions(),
         "started": started,
         "finished": time.time(),

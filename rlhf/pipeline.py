@@ -10,7 +10,7 @@
 
     launch: {launcher: accelerate, num_processes: 2}              # optional: run stages under several processes
       # launcher: accelerate (with config_file: configs/accelerate/....yaml) or torchrun; args: [extra launcher args]
-      # a stage entry may carry its own `launch:` (or `launch: false` to run in this process)
+      # a stage entry may carry its own `launch:` (or `launch: false` to run in this process); pt runs in this one
 
 A stage is skipped when its folder is finished and its manifest shows the same requested config, the
 same dataset fingerprints and the same parent manifest; otherwise it runs (resuming an interrupted run
@@ -124,6 +124,10 @@ def stage_configs(path: str, overrides: dict | None = None, output_root: str | N
         entry = stages[stage]
         entry = {"config": entry} if isinstance(entry, str) else dict(entry or {})
         launch = launch_spec(entry.pop("launch"), f"{path} (stages.{stage})", Path(path).parent) if "launch" in entry else default_launch
+        if stage == "pt" and launch:
+            if "launch" in (stages[stage] if isinstance(stages[stage], dict) else {}):
+                raise ConfigError(f"{path} (stages.pt): pt trains its small base in one process; drop its `launch:`")
+            launch = None  # the pipeline-wide launch is for sft, rm and ppo
         cls = getattr(importlib.import_module(STAGES[stage][0]), STAGES[stage][1])
         valid = fields_of(cls)
         values, where = {}, {}

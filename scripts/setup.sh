@@ -20,5 +20,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
       || $PIP install torch --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
-$PIP install -e ".[test]"
+# RLHF_EXTRAS: the optional dependency groups of pyproject.toml, e.g. "test,deepspeed". DeepSpeed's C++ ops
+# compile when first used (DS_BUILD_OPS=0), so installing it needs no CUDA toolkit.
+DS_BUILD_OPS=0 $PIP install -e ".[${RLHF_EXTRAS:-test}]"
 "$VENV/bin/python" -c "import torch, rlhf; print('rlhf ready: torch', torch.__version__, '| cuda' if torch.cuda.is_available() else '| cpu')"

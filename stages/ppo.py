@@ -696,7 +696,7 @@ def run(cfg: PPOConfig) -> str:
     from rlhf.config import to_dict
     from rlhf.evaluate import metric_fn
     from rlhf.loader import load_tokenizer
-    from rlhf.manifest import check_parent, finish_output, last_checkpoint, prepare_output
+    from rlhf.manifest import check_parent, finish_output, last_checkpoint, launch_info, prepare_output
     from rlhf.templates import apply_template, stop_token_ids
     from rlhf.train_utils import LOG_FILE, dataset_metric, load_train_eval, read_log
 
@@ -839,6 +839,7 @@ def run(cfg: PPOConfig) -> str:
         plot(rows, work / "training_curves.png")
         log.info("ppo metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         finish_output(work, cfg.output_dir, stage="ppo", config=to_dict(cfg), base_model=cfg.model_name_or_path,
-                      parent=cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started)
+                      parent=cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started,
+                      launch=launch_info(accelerator))
     accelerator.wait_for_everyone()
     return str(Path(cfg.output_dir))

@@ -157,12 +157,16 @@ def run(cfg: PTConfig) -> str:
 
     from rlhf.config import to_dict
     from rlhf.data import fingerprint
-    from rlhf.manifest import finish_output, prepare_output
+    from rlhf.config import ConfigError
+    from rlhf.manifest import finish_output, prepare_output, process_state
     from rlhf.templates import TEMPLATES
     from rlhf.tiny import tiny_config, train_tokenizer
     from rlhf.train_utils import LOG_FILE, plot_curves
 
     started = time.time()
+    if process_state().num_processes > 1:
+        raise ConfigError("rlhf pt trains its small base in one process; run it without accelerate launch/torchrun "
+                          "(in a pipeline, pt always runs in the pipeline's own process)")
     work = prepare_output(cfg.output_dir, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

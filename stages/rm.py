@@ -84,7 +84,7 @@ def run(cfg: RMConfig) -> str:
 
     from rlhf.config import to_dict
     from rlhf.loader import load_model, load_tokenizer
-    from rlhf.manifest import finish_output, last_checkpoint, prepare_output, process_state
+    from rlhf.manifest import finish_output, last_checkpoint, launch_info, prepare_output, process_state
     from rlhf.templates import apply_template
     from rlhf.train_utils import load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
 
@@ -102,12 +102,13 @@ def run(cfg: RMConfig) -> str:
     eval_ds = tokenize_pairs(evals, tokenizer, cfg.max_length, "eval")[0] if evals else None
     log.info("rm: %d training and %d eval pairs", len(train_ds), len(eval_ds) if eval_ds else 0)
 
-    # --- model: score head on the base, SFT adapter continued, head saved with the adapter
+    # --- model: score head on the base, SFT adapter continued, head saved with the adapter. The trainer's
+    # arguments first: under a DeepSpeed ZeRO-3 launch they make the loader shard the weights while they load.
+    args = RewardConfig(**trainer_kwargs(cfg, work, has_eval=eval_ds is not None), max_length=None,
+                        center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True)
     model = load_model(cfg, head="score", adapters=adapters if cfg.finetuning_type == "lora" else [], for_training=True)
 
     # --- train
-    args = RewardConfig(**trainer_kwargs(cfg, work, has_eval=eval_ds is not None), max_length=None,
-                        center_rewards_coefficient=cfg.center_rewards_coefficient, disable_dropout=True)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                             processing_class=tokenizer, callbacks=[log_callback(work)])
     trainer.train(resume_from_checkpoint=last_checkpoint(work) if cfg.resume else None)
@@ -128,7 +129,8 @@ def run(cfg: RMConfig) -> str:
     plot_curves(rows, ["loss", "eval_loss", "eval_accuracy", "eval_margin"], work / "training_curves.png", "reward model")
     log.info("rm metrics: %s", metrics)
     out = finish_output(work, cfg.output_dir, stage="rm", config=to_dict(cfg), base_model=base,
-                        parent=None if cfg.from_base else cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started)
+                        parent=None if cfg.from_base else cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started,
+                        launch=launch_info(trainer.accelerator))
     process_state().wait_for_everyone()
     return str(out)
 

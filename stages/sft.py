@@ -47,12 +47,13 @@ def tokenize(examples: list[dict], tokenizer, cfg: SFTConfig):
 def run(cfg: SFTConfig) -> str:
     from transformers import set_seed
     from trl import SFTConfig as TrlSFTConfig
+    from transformers.integrations import is_deepspeed_zero3_enabled
     from trl import SFTTrainer
 
     from rlhf import evaluate
     from rlhf.config import to_dict
     from rlhf.loader import AdapterSpec, load_model, load_tokenizer
-    from rlhf.manifest import finish_output, last_checkpoint, prepare_output, process_state
+    from rlhf.manifest import finish_output, last_checkpoint, launch_info, prepare_output, process_state
     from rlhf.templates import apply_template
     from rlhf.train_utils import dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
 
@@ -68,15 +69,24 @@ def run(cfg: SFTConfig) -> str:
     eval_ds = tokenize(evals, tokenizer, cfg) if evals else None
     log.info("sft: %d training and %d eval examples, template %s", len(train_ds), len(evals), cfg.template)
 
-    # --- model
+    # --- model (the trainer's arguments first: under a DeepSpeed ZeRO-3 launch they make the loader shard the
+    # weights over the processes while they load)
+    args = TrlSFTConfig(**trainer_kwargs(cfg, work, has_eval=eval_ds is not None), max_length=cfg.max_length,
+                        packing=cfg.packing, dataset_num_proc=None)
     adapters = [AdapterSpec("default", trainable=True)] if cfg.finetuning_type == "lora" else []
     model = load_model(cfg, head="lm", adapters=adapters, for_training=True)
+    zero3 = is_deepspeed_zero3_enabled()
 
     metric = dataset_metric(cfg.eval_dataset or cfg.dataset, cfg.registry_file) if evals else None
     task_rows = evals[: cfg.task_eval_samples]
 
-    def task_score():  # greedy answers on held-out prompts, by the main process
-        if not metric or not task_rows or not main:
+    def task_score(when: str):  # greedy answers on held-out prompts, by the main process
+        if not metric or not task_rows:
+            return None
+        if zero3 and when == "before":
+            log.info("sft: task metric before training not measured under ZeRO-3 (the weights stay sharded until training starts)")
+            return None
+        if not main and not zero3:  # under ZeRO-3 every process generates (the layers are gathered in step)
             return None
         return evaluate.task_metric(model, tokenizer, task_rows, metric, max_prompt_length=cfg.max_length,
                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.per_device_eval_batch_size)
@@ -84,15 +94,13 @@ def run(cfg: SFTConfig) -> str:
     resume_from = last_checkpoint(work) if cfg.resume else None
     metrics = {}
     if resume_from is None:  # a resumed run logged it before it stopped
-        metrics["task_metric_before"] = task_score()
+        metrics["task_metric_before"] = task_score("before")
         if main:
             (work / "task_metric_before.json").write_text(json.dumps(metrics))
     elif (work / "task_metric_before.json").is_file():
         metrics = json.loads((work / "task_metric_before.json").read_text())
 
     # --- train
-    args = TrlSFTConfig(**trainer_kwargs(cfg, work, has_eval=eval_ds is not None), max_length=cfg.max_length,
-                        packing=cfg.packing, dataset_num_proc=None)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                          processing_class=tokenizer, callbacks=[log_callback(work)])
     trainer.train(resume_from_checkpoint=resume_from)
@@ -101,15 +109,16 @@ def run(cfg: SFTConfig) -> str:
 
     # --- save (the main process writes; the others wait for the folder to be finished)
     trainer.save_model(str(work))  # the adapter (or full weights) at the folder root
+    after = task_score("after")
     if not main:
         process_state().wait_for_everyone()
         return cfg.output_dir
-    metrics.update(loss_summary(read_log(work)), task_metric_after=task_score())
+    metrics.update(loss_summary(read_log(work)), task_metric_after=after)
     tokenizer.save_pretrained(str(work))
     trainer.state.save_to_json(str(work / "trainer_state.json"))
     plot_curves(read_log(work), ["loss", "eval_loss", "learning_rate", "grad_norm"], work / "training_curves.png", "sft")
     log.info("sft metrics: %s", {k: v for k, v in metrics.items() if v is not None})
     out = finish_output(work, cfg.output_dir, stage="sft", config=to_dict(cfg), base_model=cfg.model_name_or_path,
-                        datasets=fingerprints, metrics=metrics, started=started)
+                        datasets=fingerprints, metrics=metrics, started=started, launch=launch_info(trainer.accelerator))
     process_state().wait_for_everyone()
     return str(out)

@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -52,17 +53,20 @@ SCRIPT = textwrap.dedent('''
 CPU_CONFIG = Path(__file__).parents[1] / "configs" / "accelerate" / "cpu.yaml"
 
 
+def free_port() -> int:
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(tmp_path, stage, values):
     script = tmp_path / "launch.py"
     script.write_text(SCRIPT)
     dump = tmp_path / f"dump_{stage}"
     dump.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), "--num_processes", "2",
-           "--main_process_port", str(port), str(script), stage, json.dumps(values), str(dump)]
+           "--main_process_port", str(free_port()), str(script), stage, json.dumps(values), str(dump)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w0, w1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
@@ -80,21 +84,83 @@ def write_data(tmp_path) -> tuple[str, str]:
     return sft_data, pref_data
 
 
-def test_sft_rm_ppo_on_two_processes(tiny_model_dir, tmp_path):
-    sft_data, pref_data = write_data(tmp_path)
-    common = dict(max_steps=12, learning_rate=1e-2, per_device_train_batch_size=4, logging_steps=2, save_steps=100,
-                  max_length=64, lora_target="all-linear")
-    sft = launch(tmp_path, "sft", dict(common, model_name_or_path=tiny_model_dir("llama"), dataset=[str(sft_data)],
-                                       output_dir=str(tmp_path / "sft"), task_eval_samples=0))
-    assert sft["metrics"]["train_loss_last"] < sft["metrics"]["train_loss_first"]
-    rm = launch(tmp_path, "rm", dict(common, sft_dir=str(tmp_path / "sft"), dataset=[str(pref_data)], output_dir=str(tmp_path / "rm")))
-    assert rm["metrics"]["train_loss_last"] < rm["metrics"]["train_loss_first"]
-    ppo = launch(tmp_path, "ppo", dict(sft_dir=str(tmp_path / "sft"), rm_dir=str(tmp_path / "rm"), dataset=[str(sft_data)],
-                                       output_dir=str(tmp_path / "ppo"), max_steps=3, batch_size=4, mini_batch_size=4,
-                                       per_device_train_batch_size=4, ppo_epochs=1, max_new_tokens=4, eval_samples=0,
-                                       save_steps=100, max_prompt_length=64, learning_rate=1e-3))
-    assert ppo["metrics"]["steps"] == 3
-    assert not list(tmp_path.glob("*.partial"))
+COMMON = dict(max_steps=12, learning_rate=1e-2, per_device_train_batch_size=4, logging_steps=2, save_steps=100,
+              max_length=64, lora_target="all-linear")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tiny_model_dir, tmp_path_factory):
+    """sft -> rm -> ppo, each on 2 processes (DDP over gloo); every rank's trainable weights are compared."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    sft_data, pref_data = write_data(tmp)
+    values = {"sft": dict(COMMON, model_name_or_path=tiny_model_dir("llama"), dataset=[sft_data], output_dir=str(tmp / "sft"),
+                          task_eval_samples=0),
+              "rm": dict(COMMON, sft_dir=str(tmp / "sft"), dataset=[pref_data], output_dir=str(tmp / "rm")),
+              "ppo": dict(sft_dir=str(tmp / "sft"), rm_dir=str(tmp / "rm"), dataset=[sft_data], eval_dataset=[sft_data],
+                          eval_samples=3, output_dir=str(tmp / "ppo"), max_steps=3, batch_size=4, mini_batch_size=4,
+                          per_device_train_batch_size=4, ppo_epochs=1, max_new_tokens=4, save_steps=100,
+                          max_prompt_length=64, learning_rate=1e-3)}
+    manifests = {stage: launch(tmp, stage, values[stage]) for stage in ("sft", "rm", "ppo")}
+    return tmp, values, manifests
+
+
+def test_sft_rm_ppo_on_two_processes(ddp_runs):
+    tmp, _, m = ddp_runs
+    assert m["sft"]["metrics"]["train_loss_last"] < m["sft"]["metrics"]["train_loss_first"]
+    assert m["rm"]["metrics"]["train_loss_last"] < m["rm"]["metrics"]["train_loss_first"]
+    assert m["ppo"]["metrics"]["steps"] == 3
+    # the held-out prompts (3) are shared out over the processes (2 + 1) and their means weighted back together
+    assert 0.0 <= m["ppo"]["metrics"]["eval_eos_share_greedy_before"] <= 1.0
+    for stage in ("sft", "rm", "ppo"):
+        assert m[stage]["launch"] == {"num_processes": 2, "distributed_type": "MULTI_CPU"}
+    assert not list(tmp.glob("*.partial"))
+
+
+def require_deepspeed():
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        if os.environ.get("RLHF_REQUIRE_DEEPSPEED"):
+            pytest.fail("RLHF_REQUIRE_DEEPSPEED is set but deepspeed is not installed (scripts/test.sh installs .[deepspeed])")
+        pytest.skip("deepspeed is not installed: pip install -e '.[deepspeed]'")
+
+
+def launch_cli(tmp_path, stage: str, values: dict, config_file: Path) -> dict:
+    """`accelerate launch --config_file CONFIG_FILE -m rlhf <stage>` on 2 CPU processes, in float32."""
+    cfg = tmp_path / f"{stage}.yaml"
+    cfg.write_text(yaml.safe_dump(values))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "--num_processes", "2",
+           "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "rlhf", stage, str(cfg)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return read_manifest(values["output_dir"])
+
+
+def test_deepspeed_zero3_offload_sft_and_zero2_rm_match_ddp(ddp_runs, tmp_path):
+    """The configs in configs/accelerate/ run on CPUs too: ZeRO-3 (weights sharded while loading, optimizer and
+    parameters offloaded) for sft, ZeRO-2 for rm; their adapters equal the DDP runs' and load with plain peft."""
+    from safetensors.torch import load_file
+
+    require_deepspeed()
+    ddp_tmp, values, _ = ddp_runs
+    configs = Path(__file__).parents[1] / "configs" / "accelerate"
+    # sft with a held-out task metric: under ZeRO-3 every process must generate, or the main one waits forever
+    sft = launch_cli(tmp_path, "sft", dict(values["sft"], output_dir=str(tmp_path / "sft"), eval_dataset=["demo_sft_eval"],
+                                           task_eval_samples=4, eval_steps=100), configs / "deepspeed_zero3_offload.yaml")
+    assert sft["launch"] == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
+    assert sft["metrics"]["task_metric_after"] is not None
+    rm = launch_cli(tmp_path, "rm", dict(values["rm"], output_dir=str(tmp_path / "rm")), configs / "deepspeed_zero2.yaml")
+    assert rm["launch"]["zero_stage"] == 2
+    for stage in ("sft", "rm"):
+        ours, ddp = load_file(tmp_path / stage / "adapter_model.safetensors"), load_file(ddp_tmp / stage / "adapter_model.safetensors")
+        assert ours.keys() == ddp.keys() and any("score" in k for k in ours) == (stage == "rm")
+        for k in ddp:
+            torch.testing.assert_close(ours[k], ddp[k], atol=2e-4, rtol=1e-3, msg=f"{stage}: {k} differs from the DDP run")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(values["sft"]["model_name_or_path"]), str(tmp_path / "sft"))
 
 
 def test_pipeline_launches_stages_on_two_processes(tiny_model_dir, tmp_path):
@@ -120,3 +186,14 @@ def test_pipeline_launches_stages_on_two_processes(tiny_model_dir, tmp_path):
         assert r.stderr.count(f"[rlhf] {stage} metrics:") == 1, r.stderr[-3000:]
     r = run()  # the requested config survives the trip through the launched stage's YAML: nothing reruns
     assert r.returncode == 0 and "sft: skipped, rm: skipped" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def test_fsdp_on_cpu_is_refused(monkeypatch):
+    """accelerate runs FSDP only on GPUs; on CPUs it would quietly train plain data parallel instead."""
+    from rlhf.manifest import StageError, process_state
+
+    if torch.cuda.is_available():
+        pytest.skip("the refusal is for machines without a GPU")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(StageError, match="FSDP needs GPUs"):
+        process_state()

@@ -59,6 +59,7 @@ def run(stage: str, variant: str, args, base: str, parents: dict, out: Path) -> 
     if stage == "ppo":
         steps = [r for r in rows if "time_rollout" in r]
         train_s, loss = sum(r["time_rollout"] + r["time_update"] for r in steps), steps[-1]["score_mean"]
+        return {"train_s": train_s, "wall_s": wall, "last": loss, "rollout_s": sum(r["time_rollout"] for r in steps)}
     else:
         train_s = next(r["train_runtime"] for r in rows if "train_runtime" in r)
         loss = [r["loss"] for r in rows if "loss" in r][-1]
@@ -72,6 +73,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--stages", nargs="*", default=["sft", "rm", "ppo"])
+    ap.add_argument("--variants", nargs="*", type=int, choices=range(len(VARIANTS)), default=list(range(len(VARIANTS))),
+                    help="which variants, by position (0 is the baseline and always runs)")
     ap.add_argument("--json", help="write the results here (benchmarks/run_all.py)")
     args = ap.parse_args()
 
@@ -84,18 +87,21 @@ def main() -> None:
             if stage not in args.stages and stage in parents:
                 continue
             for rep in range(args.repeats if stage in args.stages else 1):
-                for variant in VARIANTS if stage in args.stages else ["1 proc x 1 thread"]:
+                chosen = [v for i, v in enumerate(VARIANTS) if i == 0 or i in args.variants]
+                for variant in chosen if stage in args.stages else ["1 proc x 1 thread"]:
                     out = Path(tmp) / f"{stage}_{list(VARIANTS).index(variant)}"
                     r = run(stage, variant, args, base, parents, out)
                     key = (stage, variant)
                     if key not in results or r["train_s"] < results[key]["train_s"]:
                         results[key] = r
-                    print(f"{stage:4s} {variant:20s} train {r['train_s']:6.1f} s, command {r['wall_s']:6.1f} s, last {r['last']:.4f}", flush=True)
+                    split = f" (rollout {r['rollout_s']:.1f} s)" if "rollout_s" in r else ""
+                    print(f"{stage:4s} {variant:20s} train {r['train_s']:6.1f} s{split}, command {r['wall_s']:6.1f} s, "
+                          f"last {r['last']:.4f}", flush=True)
             parents[stage] = str(Path(tmp) / f"{stage}_0")
     rows = []
     for stage in args.stages:
         b = results[(stage, "1 proc x 1 thread")]
-        for variant in VARIANTS:
+        for variant in [v for v in VARIANTS if (stage, v) in results]:
             r = results[(stage, variant)]
             rows.append([stage, variant, f"{r['train_s']:.1f}", f"{b['train_s'] / r['train_s']:.2f}x", f"{r['wall_s']:.1f}",
                          f"{b['wall_s'] / r['wall_s']:.2f}x", f"{r['last']:.4f}"])

@@ -109,11 +109,22 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes (``t`` itself in a one-process run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (unbiased variance, as trl); entries outside the mask become 0."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    """(x - mean) / std over the masked entries of every process (unbiased variance, as trl); entries outside the
+    mask become 0."""
+    total, n = all_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = total / n.clamp(min=1)
+    var = all_sum(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -200,8 +211,8 @@ class KLController:
 
 
 class ScoreNormalizer:
-    """Running mean/std of every score seen (parallel Welford), then scale or normalize, then clip (trl v1's
-    use_score_scaling / use_score_norm / score_clip)."""
+    """Running mean/std of every score seen by any process (parallel Welford), then scale or normalize, then clip
+    (trl v1's use_score_scaling / use_score_norm / score_clip)."""
 
     def __init__(self, mode: str = "none", clip: float | None = None):
         self.mode, self.clip = mode, clip
@@ -209,8 +220,9 @@ class ScoreNormalizer:
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         if self.mode != "none":
-            n, mean = len(scores), scores.mean().item()
-            m2 = ((scores - mean) ** 2).sum().item()
+            n, total = all_sum(torch.tensor([len(scores), scores.sum().item()], dtype=torch.float64, device=scores.device)).tolist()
+            mean = total / n
+            m2 = all_sum(((scores.double() - mean) ** 2).sum()).item()
             delta, total = mean - self.mean, self.count + n
             self.mean += delta * n / total
             self.m2 += m2 + delta**2 * self.count * n / total
@@ -403,8 +415,12 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
     if cfg.whiten_advantages:
         advantages = masked_whiten(advantages, fmask)
     lengths = mask.sum(1).float()
+    # the score's std over every process's responses (the other statistics are means, averaged over processes)
+    s = all_sum(torch.stack([torch.tensor(float(n), dtype=torch.float64, device=raw_scores.device),
+                             raw_scores.double().sum(), (raw_scores.double() ** 2).sum()]))
+    score_std = math.sqrt(max(s[2].item() - s[1].item() ** 2 / s[0].item(), 0.0) / (s[0].item() - 1)) if s[0] > 1 else 0.0
     stats = {
-        "score_mean": raw_scores.mean().item(), "score_std": raw_scores.std().item() if n > 1 else 0.0,
+        "score_mean": raw_scores.mean().item(), "score_std": score_std,
         "kl": kl.sum(1).mean().item(), "non_score_reward": (rewards.sum(1) - scores).mean().item(),
         "response_length": lengths.mean().item(), "eos_share": ended.float().mean().item(),
         "value_mean": masked_mean(values, fmask).item(), "return_mean": masked_mean(returns, fmask).item(),
@@ -416,6 +432,15 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
 
 # ---------------------------------------------------------------------------------------------------------------
 # Update: PPO epochs over minibatches; the loss is policy_loss + vf_coef * value_loss (above).
+
+
+def average_gradients(params, accelerator) -> None:
+    """Mean of each gradient over the processes, in one all-reduce of all of them flattened (one call per
+    parameter costs a round trip each: it made PPO on 2 processes slower than on 1)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
+    for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(avg.view_as(g))
 
 
 def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler, accelerator, params, train_policy: bool = True) -> dict:
@@ -448,9 +473,7 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
                 for k, v in stats.items():
                     sums.setdefault(k, []).append(v)
             if accelerator.num_processes > 1:  # data parallel: average gradients (the model is not DDP-wrapped)
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, "mean")
+                average_gradients(params, accelerator)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             sums.setdefault("grad_norm", []).append(float(grad_norm))
             optimizer.step()

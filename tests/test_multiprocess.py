@@ -197,3 +197,32 @@ def test_fsdp_on_cpu_is_refused(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(StageError, match="FSDP needs GPUs"):
         process_state()
+
+
+STATS_SCRIPT = textwrap.dedent('''
+    import torch, torch.distributed as dist
+    from rlhf.stages import ppo
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same full batch on both ranks; each takes its half
+    x_all, m_all, s_all = torch.randn(4, 5), (torch.rand(4, 5) > 0.3).float(), torch.randn(8)
+    mine = slice(2 * rank, 2 * rank + 2)
+    mean = (x_all * m_all).sum() / m_all.sum()
+    var = ((x_all - mean) ** 2 * m_all).sum() / (m_all.sum() - 1)
+    expected = (x_all - mean) * torch.rsqrt(var + 1e-8) * m_all
+    torch.testing.assert_close(ppo.masked_whiten(x_all[mine], m_all[mine]), expected[mine])
+    norm = ppo.ScoreNormalizer("normalize")
+    out = norm(s_all[4 * rank : 4 * rank + 4])
+    torch.testing.assert_close(out, ((s_all - s_all.mean()) / (s_all.std() + 1e-8))[4 * rank : 4 * rank + 4])
+    assert norm.count == 8
+''')
+
+
+def test_ppo_whitening_and_score_statistics_span_processes(tmp_path):
+    """Advantage whitening and the running score statistics use every process's batch (torchrun, 2 processes)."""
+    script = tmp_path / "stats.py"
+    script.write_text(STATS_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(script)]
+    r = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

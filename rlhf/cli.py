@@ -81,9 +81,8 @@ def _run_stage(module: str, cfg):
     mod = importlib.import_module(module)
     from rlhf.config import ConfigError
     from rlhf.data import DataError
-    from rlhf.manifest import StageError
-
     from rlhf.logging_utils import process_rank
+    from rlhf.manifest import StageError
 
     try:
         out = mod.run(cfg)

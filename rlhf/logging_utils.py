@@ -23,8 +23,8 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated", category=FutureWarning)
     logger = logging.getLogger("rlhf")
     if process_rank() != 0:
-        # The other processes repeat the main one's messages, warnings and progress bars word for word; they
-        # still report warnings and errors of their own.
+        # The other processes would repeat the main one's messages, Python warnings and progress bars word for
+        # word; what they log at WARNING or above (and tracebacks) still shows.
         logger.setLevel(max(level, logging.WARNING))
         warnings.filterwarnings("ignore")
         import datasets.utils.logging as ds_logging

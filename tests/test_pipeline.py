@@ -103,3 +103,25 @@ def test_bad_launch_section(tmp_path):
         p.write_text(f"launch: {launch}\nstages: {{sft: {{dataset: [x]}}}}\n")
         with pytest.raises(ConfigError, match=msg):
             run_pipeline(str(p))
+
+
+def test_launch_applies_per_stage_and_never_to_pt(tmp_path):
+    from rlhf.config import ConfigError
+    from rlhf.pipeline import launch_command, stage_configs
+
+    acc = tmp_path / "acc.yaml"
+    acc.write_text("distributed_type: MULTI_GPU\n")
+    p = tmp_path / "p.yaml"
+    p.write_text("launch: {config_file: acc.yaml, num_processes: 2}\n"  # relative to the pipeline file
+                 "stages: {pt: {}, sft: {dataset: [x]}, rm: {dataset: [y], launch: {launcher: torchrun, num_processes: 4}},"
+                 " ppo: {dataset: [z], launch: false}}\n")
+    launches = {stage: launch for stage, _, launch in stage_configs(str(p))}
+    assert launches["pt"] is None and launches["ppo"] is None
+    assert launches["sft"]["config_file"] == str(acc) and launches["rm"]["launcher"] == "torchrun"
+    cmd = launch_command(launches["sft"], "sft", "cfg.yaml")
+    assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-4:] == ["-m", "rlhf", "sft", "cfg.yaml"]
+    assert "--num_processes" in cmd and "--main_process_port" in cmd
+    assert launch_command(launches["rm"], "rm", "c.yaml")[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "4"]
+    p.write_text("stages: {pt: {launch: {num_processes: 2}}}\n")
+    with pytest.raises(ConfigError, match="pt trains its small base in one process"):
+        stage_configs(str(p))

@@ -46,8 +46,8 @@ def tokenize(examples: list[dict], tokenizer, cfg: SFTConfig):
 
 def run(cfg: SFTConfig) -> str:
     from transformers import set_seed
-    from trl import SFTConfig as TrlSFTConfig
     from transformers.integrations import is_deepspeed_zero3_enabled
+    from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
     from rlhf import evaluate
@@ -80,7 +80,7 @@ def run(cfg: SFTConfig) -> str:
     metric = dataset_metric(cfg.eval_dataset or cfg.dataset, cfg.registry_file) if evals else None
     task_rows = evals[: cfg.task_eval_samples]
 
-    def task_score(when: str):  # greedy answers on held-out prompts, by the main process
+    def task_score(when: str):  # greedy answers on held-out prompts, by the main process (all of them under ZeRO-3)
         if not metric or not task_rows:
             return None
         if zero3 and when == "before":

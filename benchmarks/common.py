@@ -61,6 +61,18 @@ def run_child(args: list[str], timeout: int = 1800) -> dict:
     return res
 
 
+def best_of(repeats: int, sides, run, key) -> dict:
+    """Run every side ``repeats`` times, interleaved (so a slow spell on shared cores hits every side), and keep
+    for each side the result with the smallest ``key(result)``."""
+    best: dict = {}
+    for _ in range(repeats):
+        for side in sides:
+            r = run(side)
+            if side not in best or key(r) < key(best[side]):
+                best[side] = r
+    return best
+
+
 def make_base(folder: Path, hidden: int = 256, layers: int = 4, heads: int = 4, vocab_texts: int = 400) -> str:
     """A random tiny llama with a trained tokenizer whose chat template is chatml (saved with it)."""
     from rlhf.loader import load_tokenizer

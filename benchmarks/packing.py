@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load_average, make_base, md_table, rss_mib, run_child, spy_on_train, write_json  # noqa: E402
+from common import ROOT, best_of, load_average, make_base, md_table, rss_mib, run_child, spy_on_train, write_json  # noqa: E402
 
 DATA = ROOT / "datasets_registry" / "data" / "demo_sft.jsonl"
 
@@ -53,14 +53,12 @@ def main() -> None:
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="packing_") as tmp:
         base = make_base(Path(tmp) / "base", args.hidden, args.layers)
-        best: dict = {}
-        for _ in range(args.repeats):
-            for side in ("packed", "padded"):
-                r = run_child([__file__, "--child", side, "--workdir", tmp, "--base", base, "--steps", str(args.steps)])
-                r["tok_s"] = r["num_tokens"] / r["train_wall_s"]
-                r["tok_cpu_s"] = r["num_tokens"] / r["train_cpu_s"]
-                if side not in best or r["tok_cpu_s"] > best[side]["tok_cpu_s"]:
-                    best[side] = r
+
+        def run(side: str) -> dict:
+            r = run_child([__file__, "--child", side, "--workdir", tmp, "--base", base, "--steps", str(args.steps)])
+            return dict(r, tok_s=r["num_tokens"] / r["train_wall_s"], tok_cpu_s=r["num_tokens"] / r["train_cpu_s"])
+
+        best = best_of(args.repeats, ("packed", "padded"), run, key=lambda r: -r["tok_cpu_s"])
     p, u = best["packed"], best["padded"]
     rows = [["non-pad tokens/s (wall)", f"{p['tok_s']:.0f}", f"{u['tok_s']:.0f}", f"{p['tok_s'] / u['tok_s']:.2f}"],
             ["non-pad tokens/s (CPU time)", f"{p['tok_cpu_s']:.0f}", f"{u['tok_cpu_s']:.0f}", f"{p['tok_cpu_s'] / u['tok_cpu_s']:.2f}"],

@@ -29,7 +29,7 @@ QUICK = {
     "quant_memory.py": ["--hidden", "256", "--layers", "2", "--steps", "1"],
     "qlora_table.py": ["--pt-steps", "30", "--steps", "10", "--eval-samples", "8"],
     "ppo_one_base.py": ["--hidden", "64", "--layers", "2", "--steps", "1", "--repeats", "1"],
-    "multiprocess.py": ["--hidden", "64", "--layers", "2", "--steps", "4", "--repeats", "1"],
+    "data_parallel.py": ["--hidden", "64", "--layers", "2", "--steps", "4", "--repeats", "1"],
 }
 
 
@@ -59,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
 
     info = machine()
-    scripts = ["sft_vs_trl.py", "packing.py", "quant_memory.py", "qlora_table.py", "ppo_one_base.py", "multiprocess.py"]
+    scripts = ["sft_vs_trl.py", "packing.py", "quant_memory.py", "qlora_table.py", "ppo_one_base.py", "data_parallel.py"]
     if args.only:
         scripts = [s for s in scripts if s in args.only]
     started, load_start = time.strftime("%Y-%m-%d %H:%M"), load_average()

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, load_average, make_base, md_table, rss_mib, run_child, spy_on_train, write_json  # noqa: E402
+from common import ROOT, best_of, load_average, make_base, md_table, rss_mib, run_child, spy_on_train, write_json  # noqa: E402
 
 DATA = ROOT / "datasets_registry" / "data" / "demo_sft.jsonl"
 
@@ -68,12 +68,8 @@ def main() -> None:
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="sft_vs_trl_") as tmp:
         base = make_base(Path(tmp) / "base", args.hidden, args.layers)
-        best: dict = {}
-        for _ in range(args.repeats):
-            for side in ("rlhf", "trl"):
-                r = run_child([__file__, "--child", side, "--workdir", tmp, "--base", base, "--steps", str(args.steps)])
-                if side not in best or r["train_cpu_s"] < best[side]["train_cpu_s"]:
-                    best[side] = r
+        best = best_of(args.repeats, ("rlhf", "trl"), key=lambda r: r["train_cpu_s"],
+                       run=lambda side: run_child([__file__, "--child", side, "--workdir", tmp, "--base", base, "--steps", str(args.steps)]))
         mem = {side: run_child([__file__, "--child", side, "--workdir", tmp, "--base", base, "--steps", "4", "--track"])
                for side in ("rlhf", "trl")}
     a, b = best["rlhf"], best["trl"]

@@ -416,8 +416,9 @@ def _quantization_config(cfg, dtype):
         compute = dtype if cfg.bnb_4bit_compute_dtype == "auto" else resolve_dtype(cfg.bnb_4bit_compute_dtype)
         # ZeRO-3 and FSDP shard every weight as flat tensors of one dtype: the packed 4-bit weights are stored in
         # the model's dtype then (bnb_4bit_quant_storage), as in transformers' QLoRA + ZeRO-3/FSDP recipe
-        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-        storage = {"bnb_4bit_quant_storage": dtype} if _zero3() or fsdp else {}
+        from rlhf.manifest import fsdp_launch
+
+        storage = {"bnb_4bit_quant_storage": dtype} if _zero3() or fsdp_launch() else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,
                                   bnb_4bit_use_double_quant=cfg.bnb_4bit_use_double_quant,
                                   bnb_4bit_compute_dtype=compute, **storage)

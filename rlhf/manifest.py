@@ -38,12 +38,17 @@ def same_request(a: dict | None, b: dict | None) -> bool:
     return json.loads(json.dumps(strip(a), default=str)) == json.loads(json.dumps(strip(b), default=str))
 
 
+def fsdp_launch() -> bool:
+    """Was this process started by `accelerate launch` with an FSDP config?"""
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def process_state():
     """accelerate's process state (rank, world size); CPU-only machines use gloo (torchrun/accelerate launch)."""
     import torch
     from accelerate import PartialState
 
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") and not torch.cuda.is_available():
+    if fsdp_launch() and not torch.cuda.is_available():
         raise StageError("FSDP needs GPUs: accelerate runs FSDP only on GPU-type devices and on CPUs silently falls back "
                          "to plain data parallel; launch with configs/accelerate/cpu.yaml or a DeepSpeed config instead")
     return PartialState(cpu=not torch.cuda.is_available())

@@ -6,6 +6,8 @@ where it came from, and the nearest valid key.
 """
 from __future__ import annotations
 
+from rlhf.errors import RlhfError
+
 import dataclasses
 import difflib
 import json
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-class ConfigError(ValueError):
+class ConfigError(RlhfError, ValueError):
     """A bad config file or override; the message says what, where and what to do."""
 
 

@@ -37,6 +37,8 @@ chosen, rejected. LLaMA-Factory's ``dataset_info.json`` is read as a registry to
 """
 from __future__ import annotations
 
+from rlhf.errors import RlhfError
+
 import csv
 import difflib
 import hashlib
@@ -67,7 +69,7 @@ LF_COLUMNS = {"prompt": "instruction", "query": "input", "response": "output", "
               "system": "system", "messages": "messages", "chosen": "chosen", "rejected": "rejected"}
 
 
-class DataError(ValueError):
+class DataError(RlhfError, ValueError):
     """Bad data or registry; the message names the file, row and column, and what to do."""
 
 

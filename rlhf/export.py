@@ -8,6 +8,8 @@ its policy (the critic under ``value/`` is a training aid and is left out).
 """
 from __future__ import annotations
 
+from rlhf.errors import RlhfError
+
 import json
 import os
 import shutil
@@ -20,7 +22,7 @@ DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp1
 PROBE = "Which is larger, 37 or 52?"
 
 
-class ExportError(RuntimeError):
+class ExportError(RlhfError, RuntimeError):
     """An export target that cannot be written."""
 
 

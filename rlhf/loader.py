@@ -7,6 +7,8 @@ trainable or frozen -- on one copy of the base weights.
 """
 from __future__ import annotations
 
+from rlhf.errors import RlhfError
+
 import contextlib
 import json
 import logging
@@ -34,7 +36,7 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 _FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
-class ModelPathError(FileNotFoundError):
+class ModelPathError(RlhfError, FileNotFoundError):
     """A base model, tokenizer or adapter folder that is missing or incomplete."""
 
 

@@ -6,6 +6,8 @@ renames it to ``<output_dir>`` only when everything, manifest last, is written. 
 """
 from __future__ import annotations
 
+from rlhf.errors import RlhfError
+
 import hashlib
 import json
 import os
@@ -18,7 +20,7 @@ MANIFEST = "manifest.json"
 ORDER = {"pt": "rlhf pt", "sft": "rlhf sft", "rm": "rlhf rm", "ppo": "rlhf ppo"}
 
 
-class StageError(RuntimeError):
+class StageError(RlhfError, RuntimeError):
     """A stage folder that is missing, unfinished, of the wrong kind, or from another base model."""
 
 

@@ -21,6 +21,8 @@ BOS: only what the template renders (llama3 renders ``bos_token``, e.g.
 """
 from __future__ import annotations
 
+from rlhf.errors import RlhfError
+
 import difflib
 
 TEMPLATES: dict[str, str] = {
@@ -59,7 +61,7 @@ _PREFIX_BROKEN = ("the chat template breaks the prefix property at {where}: the 
                   "tokens cannot be told apart; use a built-in template (template: chatml)")
 
 
-class TemplateError(ValueError):
+class TemplateError(RlhfError, ValueError):
     """A chat template that cannot be used for masked training; the message says why and what to do."""
 
 

@@ -86,10 +86,10 @@ def child(args) -> None:
         sft_dir=parents["sft"], rm_dir=parents["rm"], model_name_or_path=parents["base"], quantization=args.quantization,
         batch_size=args.batch, mini_batch_size=args.batch // 2, per_device_train_batch_size=args.batch // 2, ppo_epochs=2,
         max_new_tokens=args.new_tokens, per_device_eval_batch_size=args.batch, learning_rate=1e-4))
-    t0 = time.time()
-    roles = ppo.build_roles(cfg) if args.variant == "one" else FourModels(cfg)
-    load_s = time.time() - t0
     tok = load_tokenizer(parents["sft"])
+    t0 = time.time()
+    roles = ppo.build_roles(cfg, tok.pad_token_id) if args.variant == "one" else FourModels(cfg, tok.pad_token_id)
+    load_s = time.time() - t0
     apply_template(tok, "chatml")
     stops = stop_token_ids(tok)
     rows = load_examples(["demo_prompts"], kind="prompt", num_samples=args.batch * (args.steps + 1))
@@ -118,7 +118,7 @@ def child(args) -> None:
 class FourModels(ppo.OneBase):
     """The four roles as four copies of the base with one adapter each; the interface of ppo.OneBase."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, pad_token_id: int):
         import copy
 
         from trl.trainer.utils import disable_dropout_in_model
@@ -133,7 +133,7 @@ class FourModels(ppo.OneBase):
         device = next(self.models["policy"].parameters()).device
         reward_head = load_score_head(cfg.rm_dir).float().to(device).requires_grad_(False)
         value_head = copy.deepcopy(reward_head).requires_grad_(True)
-        super().__init__(self.models["policy"], reward_head, value_head, False, cfg.temperature)
+        super().__init__(self.models["policy"], reward_head, value_head, False, cfg.temperature, pad_token_id)
         self.params = [p for r in ("policy", "value") for p in self.models[r].parameters() if p.requires_grad]
         self.params += list(value_head.parameters())
 

@@ -7,6 +7,7 @@ where it came from, and the nearest valid key.
 from __future__ import annotations
 
 from rlhf.errors import RlhfError
+from rlhf.templates import TEMPLATES
 
 import dataclasses
 import difflib
@@ -36,7 +37,7 @@ class ModelConfig:
     trust_remote_code: bool = opt(False, "Allow custom modelling code from the model folder/hub.")
     dtype: str = opt("auto", "Weights dtype: auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), float32, bfloat16, float16.", choices=["auto", "float32", "bfloat16", "float16"])
     attn_implementation: str | None = opt(None, "Attention kernel: eager, sdpa, flash_attention_2 (None: transformers' default).")
-    quantization: str = opt("none", "Quantize the frozen base with bitsandbytes: 4bit (QLoRA), 8bit, or none.", choices=["none", "4bit", "8bit"])
+    quantization: str = opt("auto", "Quantize the frozen base with bitsandbytes: 4bit (QLoRA), 8bit, none, or auto (rm/ppo: as the parent SFT folder was trained, with its 4-bit settings; sft/pt: none).", choices=["auto", "none", "4bit", "8bit"])
     bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 or fp4.", choices=["nf4", "fp4"])
     bnb_4bit_use_double_quant: bool = opt(True, "Quantize the 4-bit quantization constants too (QLoRA double quantization).")
     bnb_4bit_compute_dtype: str = opt("auto", "dtype of 4-bit matmuls: auto (same as dtype), float32, bfloat16, float16.", choices=["auto", "float32", "bfloat16", "float16"])
@@ -52,6 +53,15 @@ class ModelConfig:
     embedding_gradient_scale: float = opt(1.0, "Stability (full-parameter training): scale the embedding layer's gradient, emb*a + emb.detach()*(1-a) (GLM-130B: 0.1); 1.0 is off.")
 
 
+def stage_model_config(manifest_config: dict, *, trust_remote_code: bool = False, **overrides) -> ModelConfig:
+    """The ModelConfig a finished stage folder was trained with (its manifest's config), with ``overrides``.
+
+    ``trust_remote_code`` is never read from the folder: anyone can write a manifest, so only the user's own
+    option (--trust-remote-code) may run a model's custom Python."""
+    keys = {k: v for k, v in manifest_config.items() if k in ModelConfig.__dataclass_fields__}
+    return ModelConfig(**{**keys, **overrides, "trust_remote_code": trust_remote_code})
+
+
 @dataclass
 class DataConfig:
     """Which data, and how it becomes tokens (rlhf/data.py, rlhf/templates.py)."""
@@ -59,7 +69,7 @@ class DataConfig:
     dataset: list[str] = opt([], "Registry names or file paths (jsonl/json/csv/parquet); several mix. `rlhf datasets list` shows the names.")
     eval_dataset: list[str] = opt([], "Held-out datasets; empty: split val_size off the training data.")
     registry_file: str | None = opt(None, "Your own registry file (YAML/JSON, or LLaMA-Factory's dataset_info.json), merged over the built-in one.")
-    template: str = opt("auto", "Chat template: auto (the tokenizer's own, else chatml), or a built-in name: alpaca, chatml, llama3.")
+    template: str = opt("auto", "Chat template: auto (the tokenizer's own, else chatml), own (the tokenizer's), or a built-in name: alpaca, chatml, llama3.", choices=["auto", "own", *TEMPLATES])
     max_length: int = opt(1024, "Longest tokenized example; longer ones are truncated.")
     num_samples: int | None = opt(None, "Use at most this many rows of each dataset.")
     val_size: float = opt(0.0, "Share (0-1) or count (>=1) of training rows held out for eval when eval_dataset is empty.")
@@ -194,7 +204,12 @@ def build(cls, values: dict, where: dict[str, str]):
         v = coerce(value, tp, name, src)
         choices = valid[name].metadata.get("choices")
         if choices and v is not None and v not in choices:
-            raise ConfigError(f"{src}: key '{name}' must be one of {choices}, got {v!r}")
+            close = difflib.get_close_matches(str(v), choices, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{src}: key '{name}' must be one of {choices}, got {v!r}{hint}")
+        if name == "lora_target" and len(v) > 1 and {"auto", "all-linear"} & set(v):
+            raise ConfigError(f"{src}: key 'lora_target': 'auto' and 'all-linear' stand alone, got {','.join(v)}; "
+                              "give one of them, or module names such as q_proj,v_proj")
         kwargs[name] = v
     cfg = cls(**kwargs)
     if hasattr(cfg, "validate"):
@@ -211,7 +226,10 @@ def read_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{p}{where}: not valid YAML ({what}); fix the file there") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: expected a mapping of key: value at the top level")
     return data

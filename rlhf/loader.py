@@ -7,6 +7,7 @@ trainable or frozen -- on one copy of the base weights.
 """
 from __future__ import annotations
 
+from rlhf.config import ConfigError
 from rlhf.errors import RlhfError
 
 import contextlib
@@ -40,6 +41,10 @@ class ModelPathError(RlhfError, FileNotFoundError):
     """A base model, tokenizer or adapter folder that is missing or incomplete."""
 
 
+class AdapterError(ModelPathError, ValueError):
+    """An adapter file that is damaged, or that does not fit this base model."""
+
+
 @dataclass
 class AdapterSpec:
     """One named LoRA adapter to put on the base."""
@@ -67,7 +72,7 @@ def resolve_dtype(name) -> torch.dtype:
              "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
     if key not in table:
-        raise ValueError(f"dtype '{name}' is not known; use auto, float32, bfloat16 or float16")
+        raise ConfigError(f"dtype '{name}' is not known; use auto, float32, bfloat16 or float16")
     return table[key]
 
 
@@ -96,6 +101,12 @@ def _check_base_path(path: str) -> str:
     return path  # a hub id
 
 
+def _remote_code_refused(path: str) -> ModelPathError:
+    """transformers' refusal to run a model's own Python code (auto_map), as one line."""
+    return ModelPathError(f"{path} needs its own Python code to load (auto_map in its config.json), which runs only with "
+                          "--trust-remote-code (trust_remote_code: true in a stage config): pass it if you trust that code")
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer saved in ``path`` (model folder, stage folder or hub id); pad token = eos when it has none."""
     from transformers import AutoTokenizer
@@ -104,11 +115,16 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         raise ModelPathError("tokenizer path is empty: give a model folder, stage folder or hub id")
     if not Path(path).expanduser().exists() and _looks_local(path):
         raise ModelPathError(f"tokenizer folder {path} does not exist; check the path, or run the stage that writes it first")
-    tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()) if Path(path).expanduser().exists() else path,
-                                        trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()) if Path(path).expanduser().exists() else path,
+                                            trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise _remote_code_refused(path) from e
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(f"tokenizer in {path} has neither a pad nor an eos token; add one before training")
+            raise ModelPathError(f"tokenizer in {path} has neither a pad nor an eos token; add one before training")
         tok.pad_token = tok.eos_token
     return tok
 
@@ -160,13 +176,13 @@ def lora_targets(model_or_config, requested) -> list[str] | str:
         log.info("lora_target auto: no default for architecture '%s'; using all-linear", arch)
         return "all-linear"
     if "auto" in requested or "all-linear" in requested:
-        raise ValueError(f"lora_target {requested}: 'auto' and 'all-linear' must stand alone")
+        raise ConfigError(f"lora_target {requested}: 'auto' and 'all-linear' must stand alone")
     if isinstance(model_or_config, torch.nn.Module):
         names = _linear_module_names(model_or_config)
         for want in requested:
             if not any(n == want or n.endswith("." + want) for n in names):
                 leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-                raise ValueError(f"lora_target '{want}' matches no linear layer of this "
+                raise ConfigError(f"lora_target '{want}' matches no linear layer of this "
                                  f"{_model_type(model_or_config) or 'model'}; its linear layers are: {', '.join(leaves)}")
     return requested
 
@@ -177,7 +193,7 @@ def _block_list(model) -> torch.nn.ModuleList:
     for _, m in model.named_modules():
         if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers):
             return m
-    raise ValueError(f"finetuning_type=freeze: found no list of {n_layers} transformer blocks in {type(model).__name__}")
+    raise ConfigError(f"finetuning_type=freeze: found no list of {n_layers} transformer blocks in {type(model).__name__}")
 
 
 def _head_name(model) -> str | None:
@@ -218,11 +234,15 @@ def _adapter_files(folder: str) -> tuple[Path, Path]:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - safetensors/torch name no file: say which one
+        raise AdapterError(f"{path}: damaged adapter weights, not readable ({e}); rerun the stage that wrote "
+                           f"{path.parent}") from e
 
 
 def load_score_head(folder: str, dtype=torch.float32) -> torch.nn.Linear:
@@ -231,7 +251,7 @@ def load_score_head(folder: str, dtype=torch.float32) -> torch.nn.Linear:
     sd = _read_weights(weights)
     w = [k for k in sd if re.search(r"(^|\.)score\.weight$", k)]
     if len(w) != 1:
-        raise ValueError(f"adapter folder {folder} holds no score head (expected one '...score.weight' in {weights.name}, "
+        raise AdapterError(f"adapter folder {folder} holds no score head (expected one '...score.weight' in {weights.name}, "
                          f"found {len(w)}); was it written by `rlhf rm`?")
     weight = sd[w[0]]
     bias = sd.get(w[0][: -len("weight")] + "bias")
@@ -315,9 +335,14 @@ def _folder_lora_config(folder: str, task_type: str, modules_to_save, model):
     try:
         pcfg = PeftConfig.from_pretrained(str(cfg_path.parent))
     except Exception as e:  # noqa: BLE001 - surface peft's reason with the file name
-        raise ValueError(f"{cfg_path}: not a readable peft adapter config: {e}") from e
+        raise AdapterError(f"{cfg_path}: damaged, not a readable peft adapter config ({e}); rerun the stage that "
+                           f"wrote {folder}") from e
     saved = list(getattr(pcfg, "modules_to_save", None) or [])
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = pcfg.target_modules
+    if isinstance(targets, (list, set)) and not {t.rsplit(".", 1)[-1] for t in targets} & present:
+        raise AdapterError(f"{cfg_path}: the adapter targets {', '.join(sorted(targets))}, layers this "
+                           f"{_model_type(model) or 'base model'} does not have; was it trained on another base?")
     dropped = [m for m in saved if m not in present]
     saved = [m for m in saved if m in present]
     for m in modules_to_save or []:
@@ -345,10 +370,10 @@ def _load_adapter_weights(model, name: str, folder: str, dropped: list[str]) -> 
     if unexpected or missing:
         what = (f"{len(missing)} LoRA weights missing (e.g. {missing[0]})" if missing
                 else f"{len(unexpected)} weights fit no layer (e.g. {unexpected[0]})")
-        raise ValueError(f"adapter in {folder} does not fit this base model: {what}; was it trained on another base?")
+        raise AdapterError(f"{weights}: the adapter does not fit this base model: {what}; was it trained on another base?")
     bad = [k for k in saved if saved[k].shape != state[k].shape]
     if bad:
-        raise ValueError(f"adapter in {folder} does not fit this base model: {bad[0]} has shape "
+        raise AdapterError(f"{weights}: the adapter does not fit this base model: {bad[0]} has shape "
                          f"{tuple(saved[bad[0]].shape)}, the model expects {tuple(state[bad[0]].shape)}")
     state.update(saved)
     set_peft_model_state_dict(model, state, adapter_name=name)
@@ -411,6 +436,38 @@ def _device_map(quantized: bool):
     return {"": PartialState().local_process_index}
 
 
+QUANT_KEYS = ("quantization", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+
+
+def inherit_quantization(cfg, parent: dict | None, folder: str | None = None) -> None:
+    """``quantization: auto`` becomes the parent stage's quantization and 4-bit settings (an RM or PPO run on the
+    base its SFT adapter was trained on), or none for a stage without a parent; says which in the log."""
+    if cfg.quantization != "auto":
+        return
+    pcfg = (parent or {}).get("config") or {}
+    for k in QUANT_KEYS:
+        if k in pcfg:
+            setattr(cfg, k, pcfg[k])
+    if cfg.quantization == "auto":
+        cfg.quantization = "none"
+    if parent:
+        log.info("quantization %s, as the parent %s was trained (quantization: auto; set it to override)",
+                 cfg.quantization, folder)
+
+
+@contextlib.contextmanager
+def trainable_dtypes_kept(model):
+    """``with trainable_dtypes_kept(model): trainer = SFTTrainer(model, ...)``: trl's trainers cast a quantized
+    model's trainable weights to bf16 (QLoRA's bf16 compute). That breaks a float32 score head on fp32 hidden states
+    (a matmul of two dtypes) and rounds every update of fp32 LoRA weights to bf16; the loader's dtypes (fp32
+    master weights, as peft's autocast_adapter_dtype) are put back. docs/quantization.md."""
+    dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    yield model
+    for n, p in model.named_parameters():
+        if n in dtypes and p.dtype != dtypes[n]:
+            p.data = p.data.to(dtypes[n])
+
+
 def _quantization_config(cfg, dtype):
     from transformers import BitsAndBytesConfig
 
@@ -426,20 +483,24 @@ def _quantization_config(cfg, dtype):
                                   bnb_4bit_compute_dtype=compute, **storage)
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if cfg.quantization not in ("none", "", None):
-        raise ValueError(f"quantization '{cfg.quantization}' is not known; use 4bit, 8bit or none")
+    if cfg.quantization not in ("none", "auto", "", None):
+        raise ConfigError(f"quantization '{cfg.quantization}' is not known; use 4bit, 8bit or none")
     return None
 
 
-def _pad_token_id(path: str, config, trust_remote_code: bool):
+def _pad_token_id(path: str, config, trust_remote_code: bool, adapters) -> int | None:
+    """The pad id a score head reads past (docs/score_token.md): the pad of the tokenizer the stage pads its batches
+    with -- the one saved in the first adapter's folder, else the base's -- then config.json's, then eos."""
+    for folder in [a.folder for a in adapters if a.folder][:1] + [path]:
+        if Path(folder, "tokenizer_config.json").is_file() or not Path(folder).exists():
+            try:
+                return load_tokenizer(folder, trust_remote_code).pad_token_id
+            except Exception:  # noqa: BLE001 - no usable tokenizer there: try the next source
+                pass
     if getattr(config, "pad_token_id", None) is not None:
         return config.pad_token_id
-    try:
-        tok = load_tokenizer(path, trust_remote_code)
-        return tok.pad_token_id
-    except Exception:  # noqa: BLE001 - no tokenizer beside the weights: fall back to eos
-        eos = getattr(config, "eos_token_id", None)
-        return eos[0] if isinstance(eos, (list, tuple)) else eos
+    eos = getattr(config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, (list, tuple)) else eos
 
 
 def _freeze_all_but_last_blocks(model, n: int, head: str) -> None:
@@ -447,7 +508,7 @@ def _freeze_all_but_last_blocks(model, n: int, head: str) -> None:
         p.requires_grad_(False)
     blocks = _block_list(model)
     if not 0 < n <= len(blocks):
-        raise ValueError(f"freeze_trainable_layers={n}: the model has {len(blocks)} blocks; choose 1..{len(blocks)}")
+        raise ConfigError(f"freeze_trainable_layers={n}: the model has {len(blocks)} blocks; choose 1..{len(blocks)}")
     for b in blocks[-n:]:
         b.requires_grad_(True)
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), model)
@@ -476,10 +537,10 @@ def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True,
     quantized = cfg.quantization in ("4bit", "8bit")
     if cfg.finetuning_type != "lora":
         if quantized:
-            raise ValueError(f"finetuning_type={cfg.finetuning_type} trains the base weights, which cannot be "
+            raise ConfigError(f"finetuning_type={cfg.finetuning_type} trains the base weights, which cannot be "
                              f"{cfg.quantization}-quantized; set quantization: none or finetuning_type: lora")
         if adapters:
-            raise ValueError(f"finetuning_type={cfg.finetuning_type} trains the base weights; adapters "
+            raise ConfigError(f"finetuning_type={cfg.finetuning_type} trains the base weights; adapters "
                              f"{[a.name for a in adapters]} need finetuning_type: lora")
     path = _check_base_path(cfg.model_name_or_path)
     dtype = resolve_dtype(cfg.dtype)
@@ -492,9 +553,9 @@ def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True,
     try:
         if head == "score":
             config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-            pad_id = _pad_token_id(path, config, cfg.trust_remote_code)
+            pad_id = _pad_token_id(path, config, cfg.trust_remote_code, adapters)
             if pad_id is None:
-                raise ValueError(f"{path}: a score model needs a pad token id and the model has neither a "
+                raise ModelPathError(f"{path}: a score model needs a pad token id and the model has neither a "
                                  f"pad_token_id/eos_token_id in config.json nor a tokenizer with pad/eos; add one")
             kwargs.update(num_labels=num_labels, pad_token_id=pad_id)
             # transformers reports the base's head as unexpected and the score head as missing, in a table; both are
@@ -510,6 +571,10 @@ def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True,
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise ModelPathError(f"could not load base model '{path}': {e}") from e
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise _remote_code_refused(path) from e
 
     if cfg.quantization == "4bit":
         _fix_4bit_cpu_trap(model)
@@ -541,7 +606,7 @@ def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True,
         for p in model.parameters():
             p.requires_grad_(True)
     else:
-        raise ValueError(f"finetuning_type '{cfg.finetuning_type}' is not known; use lora, full or freeze")
+        raise ConfigError(f"finetuning_type '{cfg.finetuning_type}' is not known; use lora, full or freeze")
 
     if for_training:
         model.train()

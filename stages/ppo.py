@@ -255,10 +255,11 @@ class OneBase:
     hidden state. `use(name)` switches the adapter and keeps the requires_grad flags the loader set (peft's
     set_adapter alone would freeze every other adapter, the trainable ones included)."""
 
-    def __init__(self, model, reward_head, value_head, shared_value: bool, temperature: float, autocast=contextlib.nullcontext):
+    def __init__(self, model, reward_head, value_head, shared_value: bool, temperature: float, pad_token_id: int,
+                 autocast=contextlib.nullcontext):
         import inspect
 
-        self.model, self.reward_head, self.value_head = model, reward_head, value_head
+        self.model, self.reward_head, self.value_head, self.pad_token_id = model, reward_head, value_head, pad_token_id
         self.shared_value, self.temperature = shared_value, temperature
         self.autocast = autocast  # accelerate's mixed-precision context: the same in rollout and update
         self.trainable = ["policy"] if shared_value else ["policy", "value"]
@@ -314,10 +315,13 @@ class OneBase:
             return self.policy_forward(ids, attn, width)[2]
         return self.head_forward(ids, attn, "value", self.value_head)[:, -width - 1 : -1]
 
-    def scores(self, ids, attn, last: torch.Tensor) -> torch.Tensor:
-        """Reward-model score at each row's last real token (index `last` into the sequence)."""
+    def scores(self, ids, attn) -> torch.Tensor:
+        """Reward-model score of each row at its score token (rlhf.scoring: as the RM was trained and as the RM
+        folder scores the same ids loaded with plain transformers + peft)."""
+        from rlhf.scoring import score_positions
+
         s = self.head_forward(ids, attn, "reward", self.reward_head)
-        return s[torch.arange(len(ids)), last]
+        return s[torch.arange(len(ids)), score_positions(ids, self.pad_token_id)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,10 +381,9 @@ def chunked(fn, n: int, size: int, *tensors):
 
 
 @torch.no_grad()
-def score_responses(roles: OneBase, ids, attn, mask, cfg: PPOConfig) -> torch.Tensor:
-    """Reward-model scores at each response's last real token (the stop token when there is one)."""
-    last = ids.shape[1] - mask.shape[1] + mask.sum(1) - 1
-    return chunked(roles.scores, len(ids), cfg.per_device_eval_batch_size, ids, attn, last).float()
+def score_responses(roles: OneBase, ids, attn, cfg: PPOConfig) -> torch.Tensor:
+    """Reward-model scores of prompt + response rows (tokens after the stop token are pad)."""
+    return chunked(roles.scores, len(ids), cfg.per_device_eval_batch_size, ids, attn).float()
 
 
 def shape_scores(raw: torch.Tensor, ended: torch.Tensor, norm: ScoreNormalizer, missing_eos_penalty: float | None):
@@ -405,7 +408,7 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
         ref_logp.append(roles.policy_forward(*chunk, width, adapter="ref")[0])
         values.append(v if v is not None else roles.values(*chunk, width))
     logp, ref_logp, values = torch.cat(logp), torch.cat(ref_logp), torch.cat(values).float()
-    raw_scores = score_responses(roles, ids, attn, mask, cfg)
+    raw_scores = score_responses(roles, ids, attn, cfg)
     if not torch.isfinite(raw_scores).all():
         raise FloatingPointError(f"the reward model returned {raw_scores[~torch.isfinite(raw_scores)][0].item()} at PPO step {step}")
     scores = shape_scores(raw_scores, ended, score_norm, cfg.missing_eos_penalty)
@@ -544,8 +547,11 @@ def load_value(roles: OneBase, folder: Path) -> None:
 def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, limit: int | None,
                     accelerator) -> None:
     """checkpoint-N: policy and value, optimizer, scheduler, KL controller, score statistics, step (main process),
-    and each process's RNG states. Written to a temporary folder, then renamed: complete or absent."""
+    and each process's RNG states. Written to a temporary folder, then renamed: complete or absent. Every file
+    loads weights-only (tensors and plain values: the RNG states as lists), so loading runs no pickled code."""
     import numpy as np
+
+    from rlhf.manifest import checkpoints
 
     ckpt = work / "checkpoints" / f"checkpoint-{step}"
     tmp = ckpt.with_name(ckpt.name + ".tmp")
@@ -558,7 +564,8 @@ def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler,
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}, indent=2))
     accelerator.wait_for_everyone()
-    rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / f"rng_state_{accelerator.process_index}.pth")
@@ -566,11 +573,22 @@ def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler,
     if main:
         shutil.rmtree(ckpt, ignore_errors=True)
         os.replace(tmp, ckpt)
-        if limit:
-            ckpts = sorted((work / "checkpoints").glob("checkpoint-*[0-9]"), key=lambda p: int(p.name.split("-")[-1]))
-            for old in ckpts[:-limit]:
-                shutil.rmtree(old)
+        for old in checkpoints(work)[:-limit] if limit else []:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def load_plain(path: Path):
+    """torch.load weights-only: a file that needs unpickling (a planted payload) is refused, never run."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        from rlhf.manifest import StageError
+
+        raise StageError(f"{path} is not a plain tensor file (weights-only loading refused it: {str(e).splitlines()[0]}); "
+                         f"rlhf did not write it: delete {path.parent} to resume from the checkpoint before it") from None
 
 
 def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, rank: int = 0) -> int:
@@ -578,27 +596,22 @@ def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, sc
 
     load_adapter_weights(roles.model, "policy", ckpt / "policy")
     load_value(roles, ckpt / "value")
-    opt_state = torch.load(ckpt / "optimizer.pt", weights_only=False)
+    opt_state = load_plain(ckpt / "optimizer.pt")
     optimizer.load_state_dict(opt_state["optimizer"])
     scheduler.load_state_dict(opt_state["scheduler"])
     state = json.loads((ckpt / "trainer_state.json").read_text())
     kl_ctl.load_state_dict(state["kl_ctl"])
     score_norm.load_state_dict(state["score_norm"])
     rng_file = ckpt / f"rng_state_{rank}.pth"  # a run resumed on fewer/more processes reuses process 0's
-    rng = torch.load(rng_file if rng_file.is_file() else ckpt / "rng_state_0.pth", weights_only=False)
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    rng = load_plain(rng_file if rng_file.is_file() else ckpt / "rng_state_0.pth")
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state["step"]
-
-
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop rows logged after `step` (a run killed after its last checkpoint)."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(r + "\n" for r in rows))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -650,8 +663,8 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
     raise ConfigError(f"ppo: key 'optim' must be one of adamw_torch, sgd, adafactor, {', '.join(bnb_names)}; got {name!r}")
 
 
-def build_roles(cfg: PPOConfig):
-    """Load the one base with its adapters and heads (rlhf.loader)."""
+def build_roles(cfg: PPOConfig, pad_token_id: int):
+    """Load the one base with its adapters and heads (rlhf.loader); pad_token_id: the RM's (its score token)."""
     from trl.trainer.utils import disable_dropout_in_model
 
     from rlhf.loader import AdapterSpec, load_model, load_score_head
@@ -672,7 +685,7 @@ def build_roles(cfg: PPOConfig):
         torch.nn.init.zeros_(value_head.weight)
         if value_head.bias is not None:
             torch.nn.init.zeros_(value_head.bias)
-    return OneBase(model, reward_head, value_head, cfg.value_model == "shared", cfg.temperature)
+    return OneBase(model, reward_head, value_head, cfg.value_model == "shared", cfg.temperature, pad_token_id)
 
 
 @torch.no_grad()
@@ -688,7 +701,7 @@ def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(seed)
             ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg, do_sample=sample)
-        scores = score_responses(roles, ids, attn, mask, cfg)
+        scores = score_responses(roles, ids, attn, cfg)
         out[f"eval_reward{mode}"] = scores.mean().item()
         out[f"eval_eos_share{mode}"] = ended.float().mean().item()
         if metric:
@@ -718,14 +731,15 @@ def run(cfg: PPOConfig) -> str:
 
     from rlhf.config import to_dict
     from rlhf.evaluate import metric_fn
-    from rlhf.loader import load_tokenizer
-    from rlhf.manifest import check_parent, finish_output, last_checkpoint, launch_info, prepare_output
+    from rlhf.loader import inherit_quantization, load_tokenizer
+    from rlhf.manifest import check_parent, finish_output, launch_info, prepare_output
     from rlhf.templates import apply_template, stop_token_ids
-    from rlhf.train_utils import LOG_FILE, dataset_metric, load_train_eval, read_log
+    from rlhf.train_utils import LOG_FILE, all_finite, dataset_metric, diverged, load_train_eval, read_log, resume_point
 
     started, requested = time.time(), to_dict(cfg)  # requested: the config as given (rlhf pipeline compares it)
     # --- parents: SFT and RM on the same base
     sft = check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo")
+    inherit_quantization(cfg, sft, cfg.sft_dir)
     cfg.model_name_or_path = cfg.model_name_or_path or sft["base_model"]["path"]
     check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo", base_model=cfg.model_name_or_path)
     rm = check_parent(cfg.rm_dir, "rm", for_stage="rlhf ppo", base_model=cfg.model_name_or_path)
@@ -747,6 +761,10 @@ def run(cfg: PPOConfig) -> str:
     tokenizer = load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
     cfg.template = apply_template(tokenizer, sft["config"].get("template", "auto") if cfg.template == "auto" else cfg.template)
     stop_ids = stop_token_ids(tokenizer)
+    rm_pad = load_tokenizer(cfg.rm_dir, cfg.trust_remote_code).pad_token_id
+    if rm_pad != tokenizer.pad_token_id:  # the reward is read at the rightmost non-pad token (rlhf.scoring)
+        raise ConfigError(f"ppo: the RM folder {cfg.rm_dir} pads with token id {rm_pad}, the SFT folder {cfg.sft_dir} with "
+                          f"{tokenizer.pad_token_id}: train the RM from this SFT folder (rlhf rm --sft-dir {cfg.sft_dir})")
     train, evals, fingerprints = load_train_eval(cfg, kind="prompt")
     prompts, train_rows = encode_prompts(tokenizer, train, cfg.max_prompt_length, "dataset " + ",".join(cfg.dataset))
     eval_prompts, eval_rows = encode_prompts(tokenizer, evals[: cfg.eval_samples], cfg.max_prompt_length, "eval_dataset")
@@ -759,7 +777,7 @@ def run(cfg: PPOConfig) -> str:
     work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
 
     # --- model: one base, four roles
-    roles = build_roles(cfg)
+    roles = build_roles(cfg, tokenizer.pad_token_id)
     roles.autocast = accelerator.autocast
     params = roles.params
     optimizer = accelerator.prepare(make_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay))
@@ -769,14 +787,8 @@ def run(cfg: PPOConfig) -> str:
     score_norm = ScoreNormalizer(cfg.score_norm, cfg.score_clip)
     log_file, samples_file = work / LOG_FILE, work / "samples.jsonl"
     step, metrics = 0, {}
-    if cfg.resume:
-        if ckpt := last_checkpoint(work):
-            step = load_checkpoint(Path(ckpt), roles, optimizer, scheduler, kl_ctl, score_norm, accelerator.process_index)
-        log.info("ppo: resumed from %s (step %d)", ckpt or "the start (no checkpoint yet)", step)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:  # drop what the interrupted run logged after its checkpoint
-            for f in (log_file, samples_file):
-                truncate_jsonl(f, step if step else -1)
+    if ckpt := resume_point(work, cfg.resume, logs=(log_file.name, samples_file.name)):
+        step = load_checkpoint(Path(ckpt), roles, optimizer, scheduler, kl_ctl, score_norm, accelerator.process_index)
     main = accelerator.is_main_process
 
     def write(path: Path, row: dict):
@@ -822,9 +834,10 @@ def run(cfg: PPOConfig) -> str:
             stats = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in stats.items()}
             if bad := [k for k, v in stats.items() if not math.isfinite(v)]:
                 raise FloatingPointError(f"{', '.join(bad)} not finite at PPO step {step}")
+            if not all_finite(params):
+                raise FloatingPointError(f"the trainable weights are not finite at PPO step {step}")
         except FloatingPointError as e:
-            raise FloatingPointError(f"{e}; stopping. The last good checkpoint is {last_checkpoint(work) or '(none yet)'}: "
-                                     "continue with --resume true (e.g. after lowering learning_rate)") from None
+            raise diverged(work, str(e)) from None
         kl_ctl.update(stats["kl"], cfg.batch_size * accelerator.num_processes)
         t2 = time.time()
         stats.update(step=step, lr=scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_update=t2 - t1,

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf.config import DataConfig, ModelConfig, TrainConfig, opt
+from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
 
 log = logging.getLogger("rlhf")
 
@@ -29,9 +29,11 @@ class RMConfig(ModelConfig, DataConfig, TrainConfig):
 
     def validate(self):
         if not self.dataset:
-            raise ValueError("rm: no dataset given; set `dataset:` to a preference dataset (chosen/rejected)")
+            raise ConfigError("rm: no dataset given; set `dataset:` to a preference dataset (chosen/rejected)")
         if not self.from_base and not self.sft_dir:
-            raise ValueError("rm: set sft_dir (the `rlhf sft` output), or from_base: true with model_name_or_path")
+            raise ConfigError("rm: set sft_dir (the `rlhf sft` output), or from_base: true with model_name_or_path")
+        if self.from_base and not self.model_name_or_path:
+            raise ConfigError("rm: from_base needs model_name_or_path (the base model to put the score head on)")
 
 
 def tokenize_pairs(examples: list[dict], tokenizer, max_length: int, where: str):
@@ -60,14 +62,16 @@ def tokenize_pairs(examples: list[dict], tokenizer, max_length: int, where: str)
 
 def resolve_parent(cfg: RMConfig) -> tuple[str, list, str | None]:
     """Base model, adapters to load, and the folder holding the tokenizer/template to use."""
-    from rlhf.loader import AdapterSpec
+    from rlhf.loader import AdapterSpec, inherit_quantization
     from rlhf.manifest import check_parent
 
     if cfg.from_base:
+        inherit_quantization(cfg, None)
         if not cfg.model_name_or_path:
             raise ValueError("rm: from_base needs model_name_or_path")
         return cfg.model_name_or_path, [AdapterSpec("default", trainable=True)], None
     m = check_parent(cfg.sft_dir, "sft", for_stage="rlhf rm")
+    inherit_quantization(cfg, m, cfg.sft_dir)
     base = m["base_model"]["path"]
     if cfg.model_name_or_path and cfg.model_name_or_path != base:
         check_parent(cfg.sft_dir, "sft", for_stage="rlhf rm", base_model=cfg.model_name_or_path)
@@ -83,24 +87,25 @@ def run(cfg: RMConfig) -> str:
     from trl import RewardConfig, RewardTrainer
 
     from rlhf.config import to_dict
-    from rlhf.loader import load_model, load_tokenizer
-    from rlhf.manifest import finish_output, last_checkpoint, launch_info, prepare_output, process_state
+    from rlhf.loader import load_model, load_tokenizer, trainable_dtypes_kept
+    from rlhf.manifest import finish_output, launch_info, prepare_output, process_state
     from rlhf.templates import apply_template
-    from rlhf.train_utils import load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
+    from rlhf import train_utils
+    from rlhf.train_utils import load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point, trainer_kwargs
 
     started, requested, main = time.time(), to_dict(cfg), process_state().is_main_process
     set_seed(cfg.seed)
     base, adapters, tok_dir = resolve_parent(cfg)
     cfg.model_name_or_path = base
-    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
 
-    # --- data, rendered with the SFT folder's chat template
+    # --- data, rendered with the SFT folder's chat template (checked before the working folder is made)
     tokenizer = load_tokenizer(tok_dir or base, cfg.trust_remote_code)
     cfg.template = apply_template(tokenizer, "auto" if tok_dir else cfg.template)
     train, evals, fingerprints = load_train_eval(cfg, kind="preference")
     train_ds, train_counts = tokenize_pairs(train, tokenizer, cfg.max_length, "train")
     eval_ds = tokenize_pairs(evals, tokenizer, cfg.max_length, "eval")[0] if evals else None
     log.info("rm: %d training and %d eval pairs", len(train_ds), len(eval_ds) if eval_ds else 0)
+    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
 
     # --- model: score head on the base, SFT adapter continued, head saved with the adapter. The trainer's
     # arguments first: under a DeepSpeed ZeRO-3 launch they make the loader shard the weights while they load.
@@ -109,9 +114,10 @@ def run(cfg: RMConfig) -> str:
     model = load_model(cfg, head="score", adapters=adapters if cfg.finetuning_type == "lora" else [], for_training=True)
 
     # --- train
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer, callbacks=[log_callback(work)])
-    trainer.train(resume_from_checkpoint=last_checkpoint(work) if cfg.resume else None)
+    with trainable_dtypes_kept(model):  # a quantized base: trl would cast the score head to bf16
+        trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                processing_class=tokenizer, callbacks=[log_callback(work)])
+    train_utils.train(trainer, resume_point(work, cfg.resume))
     metrics = {}
     if eval_ds is not None:
         res = trainer.evaluate()
@@ -135,21 +141,21 @@ def run(cfg: RMConfig) -> str:
     return str(out)
 
 
-def load_reward_model(rm_dir: str, quantization: str = "none"):
+def load_reward_model(rm_dir: str, quantization: str = "none", trust_remote_code: bool = False):
     """(model, tokenizer) of a finished RM folder, for scoring."""
-    from rlhf.config import ModelConfig
+    from rlhf.config import stage_model_config
     from rlhf.loader import AdapterSpec, load_model, load_tokenizer
     from rlhf.manifest import check_parent
 
     m = check_parent(rm_dir, "rm", for_stage="rlhf score")
-    keys = {k: v for k, v in m["config"].items() if k in ModelConfig.__dataclass_fields__}
-    mcfg = ModelConfig(**{**keys, "quantization": quantization, "gradient_checkpointing": False})
+    mcfg = stage_model_config(m["config"], trust_remote_code=trust_remote_code, quantization=quantization,
+                              gradient_checkpointing=False)
     lora = m["config"].get("finetuning_type", "lora") == "lora"
     if not lora:
         mcfg.model_name_or_path = rm_dir
     model = load_model(mcfg, head="score", adapters=[AdapterSpec("default", folder=rm_dir)] if lora else [], for_training=False)
     model.eval()
-    tokenizer = load_tokenizer(rm_dir)
+    tokenizer = load_tokenizer(rm_dir, trust_remote_code)
     return model, tokenizer
 
 
@@ -175,7 +181,8 @@ def score_pairs(model, tokenizer, examples: list[dict], responses: list[str], ma
     return scores
 
 
-def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int = 1024) -> int:
+def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int = 1024,
+               trust_remote_code: bool = False) -> int:
     """Score each row of a JSONL file: prompt fields (instruction/input, prompt, or messages) + `response`.
 
     Writes the rows with a `score` key added; returns how many were scored.
@@ -189,7 +196,7 @@ def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int =
         if not isinstance(r.get("response"), str):
             raise DataError(f"{input_path}, row {i}: missing `response` (a string) to score")
     examples = load_examples([input_path], kind="prompt")
-    model, tokenizer = load_reward_model(rm_dir)
+    model, tokenizer = load_reward_model(rm_dir, trust_remote_code=trust_remote_code)
     scores = score_pairs(model, tokenizer, examples, [r["response"] for r in rows], max_length)
     with open(output_path, "w") as f:
         for r, s in zip(rows, scores):

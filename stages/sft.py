@@ -11,7 +11,7 @@ import logging
 import time
 from dataclasses import dataclass
 
-from rlhf.config import DataConfig, ModelConfig, TrainConfig, opt
+from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
 
 log = logging.getLogger("rlhf")
 
@@ -25,7 +25,7 @@ class SFTConfig(ModelConfig, DataConfig, TrainConfig):
 
     def validate(self):
         if not self.dataset:
-            raise ValueError("sft: no dataset given; set `dataset:` (a registry name or a file)")
+            raise ConfigError("sft: no dataset given; set `dataset:` (a registry name or a file)")
 
 
 def tokenize(examples: list[dict], tokenizer, cfg: SFTConfig):
@@ -50,24 +50,26 @@ def run(cfg: SFTConfig) -> str:
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    from rlhf import evaluate
+    from rlhf import evaluate, train_utils
     from rlhf.config import to_dict
-    from rlhf.loader import AdapterSpec, load_model, load_tokenizer
-    from rlhf.manifest import finish_output, last_checkpoint, launch_info, prepare_output, process_state
+    from rlhf.loader import AdapterSpec, inherit_quantization, load_model, load_tokenizer, trainable_dtypes_kept
+    from rlhf.manifest import finish_output, launch_info, prepare_output, process_state
     from rlhf.templates import apply_template
-    from rlhf.train_utils import dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log, trainer_kwargs
+    from rlhf.train_utils import (dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point,
+                                  trainer_kwargs)
 
-    started, main = time.time(), process_state().is_main_process
+    started, requested, main = time.time(), to_dict(cfg), process_state().is_main_process
     set_seed(cfg.seed)
-    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))
+    inherit_quantization(cfg, None)  # auto: none (sft has no parent)
 
-    # --- data
+    # --- data (checked before the working folder is made: a failed start leaves none)
     tokenizer = load_tokenizer(cfg.model_name_or_path, cfg.trust_remote_code)
     cfg.template = apply_template(tokenizer, cfg.template)
     train, evals, fingerprints = load_train_eval(cfg, kind="sft")
     train_ds = tokenize(train, tokenizer, cfg)
     eval_ds = tokenize(evals, tokenizer, cfg) if evals else None
     log.info("sft: %d training and %d eval examples, template %s", len(train_ds), len(evals), cfg.template)
+    work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
 
     # --- model (the trainer's arguments first: under a DeepSpeed ZeRO-3 launch they make the loader shard the
     # weights over the processes while they load)
@@ -91,7 +93,7 @@ def run(cfg: SFTConfig) -> str:
         return evaluate.task_metric(model, tokenizer, task_rows, metric, max_prompt_length=cfg.max_length,
                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.per_device_eval_batch_size)
 
-    resume_from = last_checkpoint(work) if cfg.resume else None
+    resume_from = resume_point(work, cfg.resume)
     metrics = {}
     if resume_from is None:  # a resumed run logged it before it stopped
         metrics["task_metric_before"] = task_score("before")
@@ -101,9 +103,10 @@ def run(cfg: SFTConfig) -> str:
         metrics = json.loads((work / "task_metric_before.json").read_text())
 
     # --- train
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, callbacks=[log_callback(work)])
-    trainer.train(resume_from_checkpoint=resume_from)
+    with trainable_dtypes_kept(model):
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                             processing_class=tokenizer, callbacks=[log_callback(work)])
+    train_utils.train(trainer, resume_from)
     if eval_ds is not None and not any(r.get("step") == trainer.state.global_step and "eval_loss" in r for r in read_log(work)):
         trainer.evaluate()  # the final eval loss, unless the schedule just logged it
 

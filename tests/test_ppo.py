@@ -173,7 +173,9 @@ def cfg_for(parents, out, **kw) -> PPOConfig:
 def build(parents, **kw):
     cfg = cfg_for(parents, "unused", **kw)
     cfg.model_name_or_path = parents["base"]
-    return cfg, ppo.build_roles(cfg)
+    from rlhf.loader import load_tokenizer
+
+    return cfg, ppo.build_roles(cfg, load_tokenizer(parents["sft"]).pad_token_id)
 
 
 def prompts_of(tokenizer, n=4):
@@ -309,7 +311,7 @@ def test_4bit_lora_gradients_after_generate_match_fresh_load(parents):
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in used.model.modules())
     ids, attn, mask, _ = ppo.generate(used, prompts, tok, stops, cfg)  # eval-mode, no-grad forwards first
-    ppo.score_responses(used, ids, attn, mask, cfg)
+    ppo.score_responses(used, ids, attn, cfg)
     g_after = policy_grads(used, ids, attn, mask.shape[1])
     _, fresh = build(parents, quantization="4bit")
     g_fresh = policy_grads(fresh, ids, attn, mask.shape[1])

@@ -6,15 +6,20 @@ renames it to ``<output_dir>`` only when everything, manifest last, is written. 
 """
 from __future__ import annotations
 
-from rlhf.errors import RlhfError
-
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from rlhf.errors import RlhfError
+
+log = logging.getLogger("rlhf")
 
 MANIFEST = "manifest.json"
 ORDER = {"pt": "rlhf pt", "sft": "rlhf sft", "rm": "rlhf rm", "ppo": "rlhf ppo"}
@@ -26,6 +31,48 @@ class StageError(RlhfError, RuntimeError):
 
 def work_dir(output_dir: str | Path) -> Path:
     return Path(str(Path(output_dir)) + ".partial")
+
+
+def aside_dir(output_dir: str | Path) -> Path:
+    """Where finish_output moves the finished folder it replaces, until the new one is in place."""
+    return Path(str(Path(output_dir)) + ".old")
+
+
+_LOCKS: dict[str, int] = {}  # lock file -> descriptor this process holds (until finish_output or exit)
+
+
+def lock_output(output_dir: str | Path) -> None:
+    """Hold ``<output_dir>.lock`` (flock) so that no second process writes the same stage at once. The kernel
+    drops the lock when the process dies, so a SIGKILL never leaves a stale one. Re-entrant in one process."""
+    path = str(Path(output_dir)) + ".lock"
+    if path in _LOCKS:
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 20, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StageError(f"{output_dir} is being written by another running process (pid {pid}, lock {path}); wait "
+                             "for it to end or stop it: two runs in one folder would mix their checkpoints") from None
+        try:  # the file may have been removed by a run that finished while we waited: then lock the new one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    _LOCKS[path] = fd
+
+
+def unlock_output(output_dir: str | Path) -> None:
+    path = str(Path(output_dir)) + ".lock"
+    if (fd := _LOCKS.pop(path, None)) is not None:
+        os.unlink(path)
+        os.close(fd)
 
 
 REQUEST = "requested_config.json"
@@ -66,24 +113,30 @@ def launch_info(accelerator=None) -> dict:
 
 
 def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, requested: dict | None = None) -> Path:
-    """Create (or reuse, with ``resume``) the working folder of a stage and return it.
+    """Lock, then create (or reuse, with ``resume``) the working folder of a stage and return it.
 
+    Call it once the config, data and tokenizer are checked: a run that fails before it leaves no folder. A
+    working folder without a complete checkpoint is no unfinished run: it is replaced without asking.
     ``requested`` is the stage config as given; it is kept in the working folder and ends up in the
     manifest, so a rerun can tell whether a finished or interrupted run was asked for the same thing.
-    Under several processes (accelerate/torchrun) every process checks, then the main one writes.
+    Under several processes (accelerate/torchrun) the main one holds the lock; every process checks, then the
+    main one writes.
     """
     state = process_state()
     out, work = Path(output_dir), work_dir(output_dir)
     if not str(output_dir):
         raise StageError("output_dir is empty: set output_dir in the config or pass --output-dir DIR")
+    if state.is_main_process:
+        lock_output(out)
     if out.exists() and not overwrite:
         raise StageError(f"{out} already holds a finished stage; pass --overwrite-output-dir true to replace it, or choose another output_dir")
-    if work.exists() and not resume and not overwrite:
+    if work.exists() and not resume and not overwrite and last_checkpoint(work):
         raise StageError(f"{work} holds an unfinished run; pass --resume true to continue it, or --overwrite-output-dir true to start over")
     if resume and not work.exists():
         raise StageError(f"--resume: no unfinished run at {work} to continue")
     state.wait_for_everyone()
     if state.is_main_process:
+        shutil.rmtree(aside_dir(out), ignore_errors=True)  # left by a finish_output killed mid-swap
         if work.exists() and not resume:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
@@ -91,18 +144,48 @@ def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: b
             old = json.loads((work / REQUEST).read_text()) if (work / REQUEST).is_file() else None
             if resume and old is not None and not same_request(old, requested):
                 changed = sorted(k for k in set(old) | set(requested) if k not in VOLATILE and old.get(k) != requested.get(k))
-                import logging
-
-                logging.getLogger("rlhf").warning("resuming %s with changed keys: %s", work, ", ".join(changed))
+                log.warning("resuming %s with changed keys: %s", work, ", ".join(changed))
             (work / REQUEST).write_text(json.dumps(requested, indent=2, default=str))
     state.wait_for_everyone()
     return work
 
 
+def checkpoints(work: str | Path) -> list[Path]:
+    """The ``checkpoint-N`` folders under ``work/checkpoints``, oldest first (PPO's ``checkpoint-N.tmp`` is none)."""
+    found = [p for p in Path(work, "checkpoints").glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def checkpoint_problem(ckpt: str | Path) -> str | None:
+    """Why ``ckpt`` is not a complete checkpoint, or None. The one definition for every stage: its
+    ``trainer_state.json`` (which the HF Trainer writes last; PPO renames a finished ``.tmp`` folder) parses,
+    it holds weights (``*.safetensors``, or DeepSpeed's ``global_step*``) whose headers read, and its
+    ``optimizer.pt``, if any, loads weights-only (a file that needs unpickling is refused, never run)."""
+    import torch
+    from safetensors import safe_open
+
+    ckpt = Path(ckpt)
+    try:
+        json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json: {type(e).__name__}: {e}"
+    weights = list(ckpt.rglob("*.safetensors"))
+    if not weights and not any(ckpt.glob("global_step*")):
+        return "no weights"
+    for f in [*weights, *ckpt.glob("optimizer.pt")]:
+        try:
+            if f.suffix == ".safetensors":
+                safe_open(str(f), "pt").keys()
+            else:
+                torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read means damaged
+            return f"{f.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
 def last_checkpoint(work: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` folder under ``work/checkpoints``."""
-    ckpts = sorted(Path(work, "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(ckpts[-1]) if ckpts else None
+    """The newest complete checkpoint under ``work/checkpoints`` (see checkpoint_problem)."""
+    return next((str(c) for c in reversed(checkpoints(work)) if checkpoint_problem(c) is None), None)
 
 
 def file_sha256(path: str | Path, limit: int | None = None) -> str:
@@ -123,7 +206,8 @@ def model_fingerprint(path: str) -> str:
             h.update((p / name).read_bytes())
     if not any((p / n).is_file() for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json")):
         for w in sorted(p.glob("*.safetensors")):  # single-file weights: hash their first MiB and size
-            h.update(w.read_bytes()[: 1 << 20])
+            with open(w, "rb") as fh:  # the first MiB only: check_parent fingerprints the base at every start
+                h.update(fh.read(1 << 20))
             h.update(str(w.stat().st_size).encode())
     return h.hexdigest()[:16]
 
@@ -180,9 +264,13 @@ def finish_output(
     tmp = work / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=2, default=str))
     os.replace(tmp, work / MANIFEST)
-    if out.exists():  # overwrite was asked for and checked in prepare_output
-        shutil.rmtree(out)
+    old = aside_dir(out)  # a finished folder being replaced (overwrite was checked in prepare_output): aside, new in,
+    shutil.rmtree(old, ignore_errors=True)  # then deleted, so a kill anywhere never leaves a half-deleted stage
+    if out.exists():
+        os.replace(out, old)
     os.replace(work, out)
+    shutil.rmtree(old, ignore_errors=True)
+    unlock_output(out)
     return out
 
 
@@ -190,13 +278,20 @@ def read_manifest(folder: str | Path) -> dict:
     p = Path(folder) / MANIFEST
     if not p.is_file():
         raise StageError(f"{folder} is not a finished stage folder (no {MANIFEST})")
-    return json.loads(p.read_text())
+    try:
+        m = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StageError(f"{p}: damaged, not valid JSON ({e}); rerun the stage that wrote {folder}") from None
+    if not isinstance(m, dict) or not isinstance(m.get("base_model"), dict):
+        raise StageError(f"{p}: damaged, not an rlhf manifest (no base_model); rerun the stage that wrote {folder}")
+    return m
 
 
 def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, for_stage: str, base_model: str | None = None) -> dict:
     """Check that ``folder`` is a finished output of stage ``expect``; return its manifest.
 
-    Errors say what is wrong and what to run first.
+    The base model recorded there, when it is a local folder, must still be the one on disk (its fingerprint), and
+    so must ``base_model`` when given. Errors say what is wrong and what to run first.
     """
     expect = (expect,) if isinstance(expect, str) else tuple(expect)
     run_first = " or ".join(ORDER.get(e, e) for e in expect)
@@ -214,12 +309,15 @@ def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, fo
         for needed in ("adapter_config.json",):
             if (m.get("config", {}).get("finetuning_type", "lora") == "lora") and not (f / needed).is_file():
                 raise StageError(f"{f} is missing {needed}: the folder is damaged; rerun {run_first}")
-    if base_model is not None:
-        want = model_fingerprint(base_model)
-        have = m["base_model"]["fingerprint"]
-        if want != have:
-            raise StageError(
-                f"{f} was trained on base model {m['base_model']['path']} (fingerprint {have}), not {base_model} ({want}): "
-                f"use the same base, or rerun {run_first} on {base_model}"
-            )
+    recorded, have = m["base_model"].get("path"), m["base_model"].get("fingerprint")
+    if recorded and Path(recorded).is_dir() and model_fingerprint(recorded) != have:
+        raise StageError(
+            f"{f} was trained on base model {recorded} (fingerprint {have}), but the model now in {recorded} is another "
+            f"one ({model_fingerprint(recorded)}): put the original base back, or rerun {run_first} on the new one"
+        )
+    if base_model is not None and (want := model_fingerprint(base_model)) != have:
+        raise StageError(
+            f"{f} was trained on base model {recorded} (fingerprint {have}), not {base_model} ({want}): "
+            f"use the same base, or rerun {run_first} on {base_model}"
+        )
     return m

@@ -1,12 +1,81 @@
-"""What the Trainer-based stages (sft, rm) share: TrainingArguments from our config, a JSONL log
-that also stops on a NaN/inf loss, and the final curves plot."""
+"""What the training stages share: TrainingArguments from our config, a JSONL log, where a resumed run
+continues, the stop on a non-finite loss, gradient or weight (sft, rm and ppo alike), and the curves plot."""
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
+from rlhf.errors import RlhfError
+
 LOG_FILE = "train_log.jsonl"
+log = logging.getLogger("rlhf")
+
+
+class DivergedError(RlhfError, FloatingPointError):
+    """Training produced a non-finite loss, gradient or weight; the message names the step and the last good checkpoint."""
+
+
+class TrainingDone(Exception):
+    """Raised by the sft/rm callback when a run resumes from the checkpoint at its last step (nothing left to train)."""
+
+
+def all_finite(tensors) -> bool:
+    """Are all ``tensors`` (None entries skipped) free of NaN and inf? One device sync."""
+    import torch
+
+    flags = [torch.isfinite(t.detach()).all() for t in tensors if t is not None]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+def diverged(work: Path, what: str) -> DivergedError:
+    """The one-line error for ``what`` (e.g. "loss is nan at step 3"), naming the last good checkpoint."""
+    from rlhf.manifest import last_checkpoint
+
+    return DivergedError(f"{what}; stopping. The last good checkpoint is {last_checkpoint(work) or '(none yet)'}: "
+                         "continue with --resume true (e.g. after lowering learning_rate)")
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop rows logged after ``step`` (by a run killed after its last checkpoint)."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def resume_point(work: Path, resume: bool, logs: tuple[str, ...] = (LOG_FILE,)) -> str | None:
+    """The checkpoint a run continues from: with ``resume``, the newest complete one (rlhf.manifest.checkpoint_problem);
+    None: from the start. The main process removes the torn or damaged checkpoints after it, saying so, and the rows
+    of ``logs`` that the interrupted run wrote after it."""
+    from rlhf.manifest import checkpoint_problem, checkpoints, process_state
+
+    if not resume:
+        return None
+    state, found = process_state(), None
+    for ckpt in reversed(checkpoints(work)):
+        if (problem := checkpoint_problem(ckpt)) is None:
+            found = ckpt
+            break
+        log.warning("%s is incomplete or damaged (%s): removed, resuming from the checkpoint before it", ckpt, problem)
+        if state.is_main_process:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    if state.is_main_process:
+        for name in logs:
+            truncate_jsonl(work / name, int(found.name.split("-")[1]) if found else -1)
+    state.wait_for_everyone()
+    log.info("resuming %s from %s", work, found or "the start (no complete checkpoint)")
+    return str(found) if found else None
+
+
+def train(trainer, resume_from: str | None) -> None:
+    """``trainer.train``, resumed from ``resume_from``. A checkpoint at the last step (a run killed while saving its
+    result) is loaded and not trained on: the HF Trainer would train one step past max_steps."""
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except TrainingDone:
+        log.info("%s is the end of training: nothing left to train", resume_from)
 
 
 def trainer_kwargs(cfg, work: Path, has_eval: bool) -> dict:
@@ -45,27 +114,53 @@ def trainer_kwargs(cfg, work: Path, has_eval: bool) -> dict:
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
+        logging_nan_inf_filter=False,  # HF would log a NaN loss as the mean of the previous ones (log_callback stops on it)
     )
 
 
 def log_callback(work: Path):
-    """A TrainerCallback writing every log to ``work/train_log.jsonl``; a NaN/inf loss stops the run."""
+    """The TrainerCallback of sft and rm: every log row to ``work/train_log.jsonl``, and a stop (DivergedError) at the
+    first non-finite gradient (before the optimizer applies it), logged loss or grad norm, or trainable weight; a
+    checkpoint with non-finite weights is removed as soon as it is written, so the last good one is finite."""
     from transformers import TrainerCallback
 
-    class JsonlLog(TrainerCallback):
+    class Guard(TrainerCallback):
+        params: list = []
+
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            if state.global_step:  # resumed: the checkpoint's weights are loaded
+                self.check_weights(state, work / "checkpoints" / f"checkpoint-{state.global_step}")
+            if state.global_step >= state.max_steps > 0:
+                raise TrainingDone()
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            # under fp16 the loss scaler skips a step with inf gradients and lowers its scale: not a divergence
+            if not args.fp16 and not all_finite([p.grad for p in self.params]):
+                raise diverged(work, f"the gradient is not finite at step {state.global_step + 1}")
+
         def on_log(self, args, state, control, logs=None, **kw):
             logs = dict(logs or {}, step=state.global_step, epoch=state.epoch)
             if state.is_world_process_zero:
                 with open(work / LOG_FILE, "a") as f:
                     f.write(json.dumps(logs) + "\n")
-            for k in ("loss", "eval_loss"):
+            for k in ("loss", "grad_norm", "eval_loss"):
                 if k in logs and not math.isfinite(float(logs[k])):
-                    raise FloatingPointError(
-                        f"{k} is {logs[k]} at step {state.global_step}; stopping. The last good checkpoint stays in "
-                        f"{work / 'checkpoints'} (resume with --resume true after lowering the learning rate)"
-                    )
+                    raise diverged(work, f"{k} is {logs[k]} at step {state.global_step}")
 
-    return JsonlLog()
+        def on_save(self, args, state, control, **kw):
+            self.check_weights(state, work / "checkpoints" / f"checkpoint-{state.global_step}")
+
+        def on_train_end(self, args, state, control, **kw):
+            self.check_weights(state)
+
+        def check_weights(self, state, ckpt: Path | None = None):
+            if not all_finite(self.params):
+                if ckpt is not None and state.is_world_process_zero:
+                    shutil.rmtree(ckpt, ignore_errors=True)
+                raise diverged(work, f"the trainable weights are not finite at step {state.global_step}")
+
+    return Guard()
 
 
 def read_log(work: Path) -> list[dict]:
@@ -116,6 +211,7 @@ def load_train_eval(cfg, kind: str) -> tuple[list[dict], list[dict], dict]:
     """
     import random
 
+    from rlhf.config import ConfigError
     from rlhf.data import fingerprint, load_examples
 
     kw = dict(kind=kind, registry_file=cfg.registry_file, num_samples=cfg.num_samples, skip_invalid=cfg.skip_invalid_rows, seed=cfg.seed)
@@ -124,7 +220,8 @@ def load_train_eval(cfg, kind: str) -> tuple[list[dict], list[dict], dict]:
     if not cfg.eval_dataset and cfg.val_size > 0:
         n = int(cfg.val_size if cfg.val_size >= 1 else round(cfg.val_size * len(train)))
         if not 0 < n < len(train):
-            raise ValueError(f"val_size {cfg.val_size} leaves no training or no eval rows out of {len(train)}")
+            raise ConfigError(f"val_size {cfg.val_size} leaves no training or no eval rows out of {len(train)}; "
+                              "give a share in (0, 1) or a smaller count")
         order = list(range(len(train)))
         random.Random(cfg.seed).shuffle(order)
         held = set(order[:n])

@@ -161,13 +161,12 @@ def run(cfg: PTConfig) -> str:
     from rlhf.manifest import finish_output, prepare_output, process_state
     from rlhf.templates import TEMPLATES
     from rlhf.tiny import tiny_config, train_tokenizer
-    from rlhf.train_utils import LOG_FILE, plot_curves
+    from rlhf.train_utils import LOG_FILE, DivergedError, plot_curves
 
     started = time.time()
     if process_state().num_processes > 1:
         raise ConfigError("rlhf pt trains its small base in one process; run it without accelerate launch/torchrun "
                           "(in a pipeline, pt always runs in the pipeline's own process)")
-    work = prepare_output(cfg.output_dir, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -180,6 +179,7 @@ def run(cfg: PTConfig) -> str:
     train_texts = [texts[i] for i in order[n_eval:]]
     if not train_texts:
         raise ValueError(f"dataset {cfg.dataset}: no training lines left (got {len(texts)} lines, val_size {cfg.val_size})")
+    work = prepare_output(cfg.output_dir, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))  # data checked first
     tokenizer = train_tokenizer(train_texts, str(work), vocab_size=cfg.vocab_size)
     if cfg.split_digits:
         split_digits(tokenizer)
@@ -215,7 +215,7 @@ def run(cfg: PTConfig) -> str:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         if not torch.isfinite(loss):
             log.close()
-            raise FloatingPointError(f"pt: loss is {loss.item()} at step {step}; lower learning_rate (now {cfg.learning_rate})")
+            raise DivergedError(f"pt: loss is {loss.item()} at step {step}; lower learning_rate (now {cfg.learning_rate})")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optim.step()

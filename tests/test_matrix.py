@@ -128,3 +128,22 @@ def test_chain(arch, quantization, setup, tiny_tokenizer_dir, data, tmp_path):
     out = ppo.run(cfg)
     m = json.loads((Path(out) / "manifest.json").read_text())
     assert m["config"]["quantization"] == quantization and m["metrics"]["steps"] == 1
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_rm_from_unquantized_sft(quantization, tiny_model_dir, data, tmp_path):
+    """`rlhf rm --quantization 4bit|8bit` on an SFT folder trained unquantized: trains, and the score head and LoRA
+    weights stay fp32 (trl casts a quantized model's trainable weights to bf16; docs/quantization.md)."""
+    from safetensors.torch import load_file
+
+    base = tiny_model_dir("llama")
+    common = dict(max_steps=3, max_length=48, logging_steps=1, save_steps=50, per_device_train_batch_size=4, learning_rate=1e-3)
+    sft_dir = sft.run(load_config(sft.SFTConfig, None, dict(common, model_name_or_path=base, dataset=[data["sft"]],
+                                                            output_dir=str(tmp_path / "sft"), task_eval_samples=0)))
+    rm_dir = rm.run(load_config(rm.RMConfig, None, dict(common, sft_dir=sft_dir, dataset=[data["pref"]],
+                                                        output_dir=str(tmp_path / "rm"), quantization=quantization)))
+    m = json.loads((Path(rm_dir) / "manifest.json").read_text())
+    assert m["config"]["quantization"] == quantization
+    weights = load_file(str(Path(rm_dir) / "adapter_model.safetensors"))
+    assert any("score" in k for k in weights)
+    assert {v.dtype for v in weights.values()} == {torch.float32}

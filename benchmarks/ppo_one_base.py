@@ -10,8 +10,8 @@ each variant in its own subprocess, so each peak RSS (resource.getrusage ru_maxr
         PPOTrainer with separate reward and value models.
 Both run the same rollout + PPO update code (stages/ppo.py) for --steps timed steps after one warm-up step,
 and are compared as ratios measured in one invocation. Throughput is given as process CPU time per step too: with
-one thread it is what the step costs, while wall time swings when other processes share the cores (DESIGN.md
-"Known traps"); the run with the least CPU time of --repeats interleaved runs is kept.
+one thread it is what the step costs, while wall time swings when other processes share the cores
+(docs/known_traps.md); the run with the least CPU time of --repeats interleaved runs is kept.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/run_all.py                # the full set, ~30 min on 2 CPU cores
     python benchmarks/run_all.py --quick --output /tmp/results.md # tiny sizes, to check the scripts
 
-One benchmark at a time, each in its own processes with one thread (DESIGN.md "Known traps": never two torch
+One benchmark at a time, each in its own processes with one thread (docs/known_traps.md: never two torch
 processes with 2 threads at once on shared cores). The report names the machine and the load average (as uptime
 prints it) before and after each benchmark: other processes on the machine slow the timings, not the ratios much,
 since each ratio is measured within one invocation from interleaved runs.

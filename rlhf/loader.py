@@ -204,7 +204,7 @@ def _head_name(model) -> str | None:
 
 
 def _fix_4bit_cpu_trap(model) -> int:
-    """DESIGN.md "Known traps": on CPUs with AVX512-BF16, a no-grad eval forward repacks Linear4bit weights
+    """docs/known_traps.md: on CPUs with AVX512-BF16, a no-grad eval forward repacks Linear4bit weights
     for good and later backward passes give LoRA wrong or no gradients. Switch that repacking off."""
     import bitsandbytes as bnb
 

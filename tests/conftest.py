@@ -2,7 +2,7 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["OMP_NUM_THREADS"] = "1"  # DESIGN.md "Known traps": 2 threads on 2 shared cores swing 8-50x
+os.environ["OMP_NUM_THREADS"] = "1"  # docs/known_traps.md: 2 threads on 2 shared cores swing 8-50x
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

@@ -79,7 +79,7 @@ QUANT = [
 
 @pytest.mark.parametrize("q", QUANT, ids=["4bit-nf4-dq", "4bit-fp4", "8bit", "none"])
 def test_lora_grads_after_eval_and_generate_match_fresh_load(llama, batch, q, monkeypatch):
-    """DESIGN.md trap: gradients after an eval no-grad forward and after generate equal a fresh load's.
+    """docs/known_traps.md: gradients after an eval no-grad forward and after generate equal a fresh load's.
 
     The CPU is made to report AVX512-BF16 (as the machines where the trap was seen do), so bitsandbytes
     turns its weight repacking on and only the loader's fix keeps the gradients right."""

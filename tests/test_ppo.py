@@ -294,7 +294,7 @@ def test_critic_warmup_trains_the_critic_only(parents, value_model):
 
 
 def test_4bit_lora_gradients_after_generate_match_fresh_load(parents):
-    """DESIGN.md "Known traps": after a no-grad generate on a 4-bit CPU base, LoRA gradients must still be right."""
+    """docs/known_traps.md: after a no-grad generate on a 4-bit CPU base, LoRA gradients must still be right."""
     pytest.importorskip("bitsandbytes")
     tok, stops = tokenizer_of(parents)
     prompts = prompts_of(tok)

@@ -35,7 +35,7 @@ def work_dir(output_dir: str | Path) -> Path:
 
 def aside_dir(output_dir: str | Path) -> Path:
     """Where finish_output moves the finished folder it replaces, until the new one is in place."""
-    return Path(str(Path(output_dir)) + ".old")
+    return Path(str(Path(output_dir)) + ".old.partial")
 
 
 _LOCKS: dict[str, int] = {}  # lock file -> descriptor this process holds (until finish_output or exit)

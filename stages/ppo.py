@@ -588,7 +588,8 @@ def load_plain(path: Path):
         from rlhf.manifest import StageError
 
         raise StageError(f"{path} is not a plain tensor file (weights-only loading refused it: {str(e).splitlines()[0]}); "
-                         f"rlhf did not write it: delete {path.parent} to resume from the checkpoint before it") from None
+                         f"rlhf writes tensors and plain values only: delete {path.parent} to resume from the checkpoint "
+                         "before it") from None
 
 
 def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, rank: int = 0) -> int:
@@ -858,6 +859,8 @@ def run(cfg: PPOConfig) -> str:
     bar.close()
 
     # --- save
+    if not all_finite(params):  # e.g. resumed from a damaged checkpoint at the last step
+        raise diverged(work, f"the trainable weights are not finite at PPO step {step}")
     metrics.update({f"{k}_after": v for k, v in run_eval("end").items()})
     if last_saved != step:
         save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit, accelerator)

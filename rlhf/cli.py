@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import sys
 import typing
 
@@ -62,39 +63,55 @@ class StageCommand(click.Command):
         if help:
             click.echo(ctx.get_help())
             ctx.exit()
-        from rlhf.config import ConfigError, load_config, parse_overrides
+        from rlhf.config import load_config, parse_overrides
 
         args = list(ctx.args)
         config = args.pop(0) if args and not args[0].startswith("-") and "=" not in args[0] else None
-        try:
-            cfg = load_config(self.config_class(), config, parse_overrides(args))
-        except ConfigError as e:
-            raise click.UsageError(str(e)) from None
-        _run_stage(self.module, cfg)
+        _run_stage(self.module, load_config(self.config_class(), config, parse_overrides(args)))
 
 
 def _run_stage(module: str, cfg):
-    """Run a stage; expected failures print one clear line instead of a traceback."""
-    from rlhf.logging_utils import setup_logging
+    """Run a stage, its dataset names checked first (no model loads for a misspelt name)."""
+    from rlhf.data import check_names
+    from rlhf.errors import disk_errors
+    from rlhf.logging_utils import close_process_group, process_rank, setup_logging
 
+    check_names(cfg)
     setup_logging()
-    mod = importlib.import_module(module)
-    from rlhf.config import ConfigError
-    from rlhf.data import DataError
-    from rlhf.logging_utils import process_rank
-    from rlhf.manifest import StageError
-
-    try:
-        out = mod.run(cfg)
-    except (ConfigError, DataError, StageError, FileNotFoundError) as e:
-        if process_rank() != 0:  # every process meets the same config/data/folder error: the main one says it
-            sys.exit(1)
-        raise click.ClickException(str(e)) from None
+    with disk_errors(cfg.output_dir):
+        out = importlib.import_module(module).run(cfg)
     if process_rank() == 0:
         click.echo(f"done: {out}")
+    close_process_group()  # under torchrun/accelerate launch, before interpreter exit (see its docstring)
+
+
+def user_error(e: Exception) -> click.ClickException:
+    """The one ``Error:`` line of a user error (exit 2 for a bad config, else 1)."""
+    from rlhf.config import ConfigError
+
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    out = click.ClickException("; ".join(lines) or type(e).__name__)
+    out.exit_code = 2 if isinstance(e, ConfigError) else 1
+    return out
 
 
 class LazyGroup(click.Group):
+    def invoke(self, ctx):
+        """The one place user errors are caught, for every command: one line, no traceback (RLHF_DEBUG=1 shows it).
+        Under several processes each meets the same error; the main one says it."""
+        from rlhf.errors import RlhfError, disk_error
+        from rlhf.logging_utils import process_rank
+
+        try:
+            return super().invoke(ctx)
+        except (RlhfError, OSError) as e:
+            err = e if isinstance(e, RlhfError) else disk_error(e)
+            if err is None or os.environ.get("RLHF_DEBUG", "") not in ("", "0"):
+                raise
+            if process_rank() != 0:
+                sys.exit(1)
+            raise user_error(err) from None
+
     def list_commands(self, ctx):
         return sorted([*STAGES, *super().list_commands(ctx)])
 
@@ -119,12 +136,9 @@ def datasets():
 @click.option("--registry-file", default=None, help="Your registry file, merged over the built-in one.")
 def datasets_list(registry_file):
     """List registered datasets: name, format, description."""
-    from rlhf.data import DataError, list_datasets
+    from rlhf.data import list_datasets
 
-    try:
-        rows = list_datasets(registry_file)
-    except DataError as e:
-        raise click.ClickException(str(e)) from None
+    rows = list_datasets(registry_file)
     width = max(len(r[0]) for r in rows)
     for name, fmt, desc in rows:
         click.echo(f"{name:<{width}}  {fmt:<12}  {desc}")
@@ -135,12 +149,9 @@ def datasets_list(registry_file):
 @click.option("--registry-file", default=None, help="Your registry file, merged over the built-in one.")
 def datasets_show(name, registry_file):
     """Show one dataset: format, source, columns, license, first rows."""
-    from rlhf.data import DataError, describe
+    from rlhf.data import describe
 
-    try:
-        click.echo(describe(name, registry_file))
-    except DataError as e:
-        raise click.ClickException(str(e)) from None
+    click.echo(describe(name, registry_file))
 
 
 @cli.command()
@@ -148,19 +159,15 @@ def datasets_show(name, registry_file):
 @click.option("--input", "input_path", required=True, help="JSONL rows: prompt (instruction/input, prompt or messages) and `response`.")
 @click.option("--output", "output_path", required=True, help="Where to write the rows with a `score` key added.")
 @click.option("--max-length", default=1024, show_default=True, help="Truncate prompt+response to this many tokens.")
-def score(rm_dir, input_path, output_path, max_length):
+@click.option("--trust-remote-code", is_flag=True, help="Run the base model's own Python code (auto_map), if you trust it.")
+def score(rm_dir, input_path, output_path, max_length, trust_remote_code):
     """Score (prompt, response) pairs from a file with a trained reward-model folder."""
-    from rlhf.data import DataError
     from rlhf.logging_utils import setup_logging
-    from rlhf.manifest import StageError
 
     setup_logging()
     from rlhf.stages.rm import score_file
 
-    try:
-        n = score_file(rm_dir, input_path, output_path, max_length)
-    except (DataError, StageError) as e:
-        raise click.ClickException(str(e)) from None
+    n = score_file(rm_dir, input_path, output_path, max_length, trust_remote_code=trust_remote_code)
     click.echo(f"scored {n} rows -> {output_path}")
 
 

@@ -228,6 +228,14 @@ def _entry(name: str, registry: dict, registry_file: str | None) -> dict:
                     "or add an entry to your own registry file (registry_file).")
 
 
+def check_names(cfg) -> None:
+    """Before any model loads: every dataset a stage config names is registered or a file (else DataError)."""
+    names, registry_file = [*getattr(cfg, "dataset", []), *getattr(cfg, "eval_dataset", [])], getattr(cfg, "registry_file", None)
+    registry = load_registry(registry_file) if names else {}
+    for name in names:
+        _entry(name, registry, registry_file)
+
+
 # ---------------------------------------------------------------------------
 # Reading rows
 

@@ -3,6 +3,56 @@ template) is an ``RlhfError``. The CLI catches this base once and prints one ``E
 ``RLHF_DEBUG=1`` to see the traceback instead."""
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import shutil
+from pathlib import Path
+
 
 class RlhfError(Exception):
     """An error the user can fix; the message says what was wrong, where, and what to do."""
+
+
+class DiskError(RlhfError, OSError):
+    """The output folder's disk refuses the write: full, read-only, or not writable by this user."""
+
+
+_WHY = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+        errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+_LOW = 1 << 20  # bytes: a folder with less free space than this is full for any stage
+
+
+def _free(folder: Path) -> int | None:
+    for p in [folder, *folder.parents]:  # the nearest folder that exists
+        if p.exists():
+            return shutil.disk_usage(p).free
+    return None
+
+
+def disk_error(e: BaseException, folder: str | os.PathLike | None = None) -> DiskError | None:
+    """One line for a write that failed because of the disk: the errno of an OSError anywhere in the chain, or (a
+    full disk often surfaces as a library's own error, e.g. torch's "unexpected pos") ``folder``'s free space."""
+    err = e
+    while err is not None and not (isinstance(err, OSError) and err.errno in _WHY):
+        err = err.__cause__ or err.__context__
+    where = Path(folder) if folder else None
+    if err is not None:
+        why, what = _WHY[err.errno], err.filename or where
+    elif where is not None and (free := _free(where)) is not None and free < _LOW:
+        why, what = f"no space left on the device ({free // 1024} KiB free; the write failed with: {e})", where
+    else:
+        return None
+    todo = "free space there" if err is None or err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    return DiskError(f"cannot write {what}: {why}; {todo}, or choose another output folder")
+
+
+@contextlib.contextmanager
+def disk_errors(folder: str | os.PathLike):
+    """``with disk_errors(cfg.output_dir): run(cfg)``: a write refused by ``folder``'s disk becomes a DiskError."""
+    try:
+        yield
+    except Exception as e:
+        if not isinstance(e, RlhfError) and (err := disk_error(e, folder)) is not None:
+            raise err from e
+        raise

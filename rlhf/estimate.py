@@ -80,6 +80,8 @@ from pathlib import Path
 
 import click
 
+from rlhf.config import ConfigError
+
 GIB = 2**30
 METHODS = ("full_fp32", "full_16bit", "full_amp", "lora", "qlora_8bit", "qlora_4bit")
 METHOD_HELP = {
@@ -170,7 +172,7 @@ def shape_from_config(cfg: dict, name: str = "model") -> Shape:
             if cfg.get(k) is not None:
                 return cfg[k]
         if default is None:
-            raise ValueError(f"{name}: config has none of the keys {keys}; is it a causal LM's config.json?")
+            raise ConfigError(f"{name}: config has none of the keys {keys}; is it a causal LM's config.json?")
         return default
 
     mt = cfg.get("model_type", "")
@@ -208,16 +210,16 @@ def load_shape(model: str) -> Shape:
         try:
             cfg = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e})") from None
+            raise ConfigError(f"{p}: not valid JSON ({e})") from None
         return shape_from_config(cfg, str(model))
     if Path(model).expanduser().exists():
-        raise ValueError(f"{model}: no config.json there; give a transformers model folder, a config.json or a named size")
+        raise ConfigError(f"{model}: no config.json there; give a transformers model folder, a config.json or a named size")
     try:
         from transformers import AutoConfig
 
         return shape_from_config(AutoConfig.from_pretrained(model).to_dict(), model)
     except Exception as e:  # noqa: BLE001 - the hub may be unreachable: say what the choices are
-        raise ValueError(f"'{model}' is not a named size ({', '.join(sorted(NAMED))}), a model folder or a config.json, "
+        raise ConfigError(f"'{model}' is not a named size ({', '.join(sorted(NAMED))}), a model folder or a config.json, "
                          f"and its hub config could not be read ({type(e).__name__}: {e})") from None
 
 
@@ -246,11 +248,11 @@ class Setup:
 
     def validate(self):
         if self.method not in METHODS:
-            raise ValueError(f"method '{self.method}' is not known; use one of {', '.join(METHODS)}")
+            raise ConfigError(f"method '{self.method}' is not known; use one of {', '.join(METHODS)}")
         if self.optim not in OPTIMIZERS:
-            raise ValueError(f"optim '{self.optim}' is not known to the estimate; use one of {', '.join(OPTIMIZERS)}")
+            raise ConfigError(f"optim '{self.optim}' is not known to the estimate; use one of {', '.join(OPTIMIZERS)}")
         if self.batch_size < 1 or self.seq_len < 1:
-            raise ValueError(f"batch_size and seq_len must be positive, got {self.batch_size} and {self.seq_len}")
+            raise ConfigError(f"batch_size and seq_len must be positive, got {self.batch_size} and {self.seq_len}")
         return self
 
 
@@ -289,7 +291,7 @@ def lora_modules(shape: Shape, target) -> list[tuple[str, int, int]]:
         target = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"]}.get(shape.arch, ["q_proj", "v_proj"])
     chosen = [m for m in lin if m[0] in target or m[0].rsplit(".", 1)[-1] in target]
     if not chosen:
-        raise ValueError(f"lora_target {target} matches no linear layer of {shape.name}; its layers: {', '.join(m[0] for m in lin)}")
+        raise ConfigError(f"lora_target {target} matches no linear layer of {shape.name}; its layers: {', '.join(m[0] for m in lin)}")
     return chosen
 
 
@@ -450,12 +452,12 @@ def estimate_ppo(shape: Shape, setup: Setup, *, prompt_len: int = 256, response_
     trainable value adapter + head) or shared (a value head on the policy).
     """
     if design not in ("one_base", "four_copies"):
-        raise ValueError(f"design '{design}' is not known; use one_base or four_copies")
+        raise ConfigError(f"design '{design}' is not known; use one_base or four_copies")
     if value_model not in ("adapter", "shared"):
-        raise ValueError(f"value_model '{value_model}' is not known; use adapter or shared")
+        raise ConfigError(f"value_model '{value_model}' is not known; use adapter or shared")
     full = setup.method.startswith("full")
     if full and design == "one_base":
-        raise ValueError("the one-base design needs LoRA adapters; full fine-tuning in PPO means separate models (four_copies)")
+        raise ConfigError("the one-base design needs LoRA adapters; full fine-tuning in PPO means separate models (four_copies)")
     seq = prompt_len + response_len
     e = estimate(shape, replace(setup, seq_len=seq))
     e.activations -= setup.batch_size * prompt_len * logit_bytes(shape, setup)  # logits of the response positions only
@@ -487,7 +489,7 @@ def stage_estimate(stage: str, shape: Shape, setup: Setup, **ppo) -> Estimate:
         return estimate_rm(shape, setup)
     if stage == "ppo":
         return estimate_ppo(shape, setup, **ppo)
-    raise ValueError(f"stage '{stage}' is not known; use sft, rm or ppo")
+    raise ConfigError(f"stage '{stage}' is not known; use sft, rm or ppo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -681,13 +683,10 @@ def estimate_cmd(model, stage, batch_size, seq_len, lora_r, lora_target, lora_dr
     """Training memory of a stage for MODEL (a named size 1b/7b/13b/30b/65b/70b, a model folder, a config.json or a
     hub id): weights, gradients, optimizer state and activations for full fine-tuning, LoRA and QLoRA, with and
     without gradient checkpointing; GiB. Formulas and their published anchors: rlhf/estimate.py."""
-    try:
-        shape = load_shape(model)
-        base = Setup(batch_size=batch_size, seq_len=seq_len, lora_r=lora_r, lora_target=lora_target.split(","),
-                     lora_dropout=lora_dropout, attn=attn).validate()
-        lora_modules(shape, base.lora_target)
-    except ValueError as e:
-        raise click.ClickException(str(e)) from None
+    shape = load_shape(model)
+    base = Setup(batch_size=batch_size, seq_len=seq_len, lora_r=lora_r, lora_target=lora_target.split(","),
+                 lora_dropout=lora_dropout, attn=attn).validate()
+    lora_modules(shape, base.lora_target)
     ppo = dict(prompt_len=seq_len, response_len=response_len, rollout_batch=rollout_batch, value_model=value_model) if stage == "ppo" else {}
     click.echo(f"{shape.name}: {shape.params() / 1e9:.2f}B parameters ({shape.params():,}), {shape.layers} layers, hidden {shape.hidden}, "
                f"vocab {shape.vocab}; LoRA r={lora_r} on {','.join(m[0] for m in lora_modules(shape, base.lora_target))}: "

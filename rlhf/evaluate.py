@@ -5,6 +5,8 @@ import importlib
 
 import torch
 
+from rlhf.data import DataError
+
 # registry `metric:` name -> module with `task_metric(rows, responses) -> float`
 METRICS = {"demo_task": "rlhf.demo_task"}
 
@@ -13,7 +15,7 @@ def metric_fn(name: str | None):
     if not name:
         return None
     if name not in METRICS:
-        raise ValueError(f"unknown metric '{name}' in the registry; known: {', '.join(METRICS)}")
+        raise DataError(f"unknown metric '{name}' in the registry; known: {', '.join(METRICS)}")
     return importlib.import_module(METRICS[name]).task_metric
 
 

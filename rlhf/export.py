@@ -17,6 +17,8 @@ from pathlib import Path
 
 import click
 
+from rlhf.use import trust_remote_code_option
+
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "float32": "float32", "fp32": "float32"}
 PROBE = "Which is larger, 37 or 52?"
@@ -48,7 +50,7 @@ def _probe_logits(model, tokenizer):
 
 
 def export_stage(folder: str, out: str, *, dtype: str = "bfloat16", max_shard_size: str = "2GB",
-                 overwrite: bool = False, say=click.echo) -> dict:
+                 overwrite: bool = False, trust_remote_code: bool = False, say=click.echo) -> dict:
     """Merge the folder's adapter into its base and save a plain transformers model to ``out``; returns a summary."""
     from rlhf.templates import stop_token_ids
     from rlhf.use import POLICIES, SCORERS, load_stage, open_stage
@@ -61,7 +63,7 @@ def export_stage(folder: str, out: str, *, dtype: str = "bfloat16", max_shard_si
     _check_target(Path(folder), out_p, overwrite)
     if st.quantization != "none" and st.adapter:
         say(f"{folder} trained on a {st.quantization} base; reloading the base unquantized ({dtype}) for the merge")
-    model, tokenizer = load_stage(st, quantization="none", dtype=dtype)
+    model, tokenizer = load_stage(st, quantization="none", dtype=dtype, trust_remote_code=trust_remote_code)
     before = _probe_logits(model, tokenizer)
     if st.adapter:
         model = model.merge_and_unload()
@@ -94,19 +96,18 @@ def export_stage(folder: str, out: str, *, dtype: str = "bfloat16", max_shard_si
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True, help="Weights dtype of the export.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard (e.g. 500MB, 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def export_cmd(folder, out, dtype, max_shard_size, overwrite):
+@trust_remote_code_option
+def export_cmd(folder, out, dtype, max_shard_size, overwrite, trust_remote_code):
     """Merge a stage folder's adapter into its base and save a plain transformers model.
 
     SFT/PPO -> AutoModelForCausalLM, RM -> AutoModelForSequenceClassification (score head kept); sharded
     safetensors, tokenizer with the chat template. A 4/8-bit base is reloaded unquantized for the merge.
     """
-    from rlhf.use import _expected_errors, setup_logging
+    from rlhf.use import setup_logging
 
     setup_logging()
-    try:
-        s = export_stage(folder, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
-    except (ExportError, *_expected_errors()) as e:
-        raise click.ClickException(str(e)) from None
+    s = export_stage(folder, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                     trust_remote_code=trust_remote_code)
     cls = "AutoModelForSequenceClassification" if s["head"].startswith("sequence") else "AutoModelForCausalLM"
     click.echo(f"exported {s['stage']} folder {folder} -> {out} ({s['dtype']}; "
                f"{'adapter merged, ' if s['merged_adapter'] else ''}max |logit change| on a probe "

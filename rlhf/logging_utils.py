@@ -11,6 +11,17 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
 
 
+def close_process_group() -> None:
+    """End of a launched run (torchrun / accelerate launch): destroy the process group while the interpreter is whole.
+    Left to interpreter exit, a gloo worker thread still releasing the last collective's tensors needs the GIL, is
+    killed inside a C++ destructor, and the process aborts (SIGABRT, "terminate called without an active exception";
+    tests/test_multiprocess.py). A no-op in a one-process run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
     logging.basicConfig(format="[rlhf] %(message)s", level=level)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,6 +32,10 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable)?` is deprecated", category=FutureWarning)
     # DeepSpeed calls torch's deprecated all_gather_into_tensor on every ZeRO-3 step
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated", category=FutureWarning)
+    # bitsandbytes says at import, on CPUs with AVX512-BF16, that an optional package (`kernels`) is missing; its
+    # fallback works, and the notice would repeat under our prefix in every stage
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda r: "gemm_4bit_forward from kernels-community" not in r.getMessage())
     logger = logging.getLogger("rlhf")
     if process_rank() != 0:
         # The other processes would repeat the main one's messages, Python warnings and progress bars word for

@@ -181,9 +181,13 @@ def run_pipeline(path: str, *, start: str | None = None, only: str | None = None
                  output_root: str | None = None) -> list[tuple[str, str]]:
     """Run the pipeline; returns (stage, what happened) for each stage."""
     from rlhf.config import to_dict
+    from rlhf.data import check_names
+    from rlhf.errors import disk_errors
     from rlhf.manifest import REQUEST, same_request, work_dir
 
     plan = stage_configs(path, overrides, output_root)
+    for _, cfg, _ in plan:
+        check_names(cfg)
     names = [s for s, _, _ in plan]
     for flag, value in (("--from", start), ("--only", only)):
         if value and value not in names:
@@ -208,7 +212,8 @@ def run_pipeline(path: str, *, start: str | None = None, only: str | None = None
         if launch:
             run_launched(launch, stage, cfg, Path(cfg.output_dir).parent, path)
         else:
-            importlib.import_module(f"rlhf.stages.{stage}").run(cfg)
+            with disk_errors(cfg.output_dir):
+                importlib.import_module(f"rlhf.stages.{stage}").run(cfg)
         report.append((stage, "resumed" if resume else "ran"))
         dirty = True
     return report
@@ -266,18 +271,11 @@ def pipeline_cmd(ctx, config, start, only, output_root):
 
     Extra --key value options override that key in every stage that has it.
     """
-    from rlhf.config import ConfigError, parse_overrides
-    from rlhf.data import DataError
+    from rlhf.config import parse_overrides
     from rlhf.logging_utils import setup_logging
-    from rlhf.manifest import StageError
 
     setup_logging()
-    try:
-        report = run_pipeline(config, start=start, only=only, overrides=parse_overrides(ctx.args), output_root=output_root)
-    except ConfigError as e:
-        raise click.UsageError(str(e)) from None
-    except (DataError, StageError, FileNotFoundError) as e:
-        raise click.ClickException(str(e)) from None
+    report = run_pipeline(config, start=start, only=only, overrides=parse_overrides(ctx.args), output_root=output_root)
     click.echo("[pipeline] " + ", ".join(f"{s}: {w}" for s, w in report))
 
 
@@ -286,10 +284,5 @@ def pipeline_cmd(ctx, config, start, only, output_root):
 @click.option("--json", "as_json", is_flag=True, help="Print the manifests of the chain as JSON.")
 def inspect_cmd(folder, as_json):
     """Print a stage folder's lineage: base model, each stage, datasets, key settings, final metrics."""
-    from rlhf.manifest import StageError
-
-    try:
-        chain = lineage(folder)
-    except StageError as e:
-        raise click.ClickException(str(e)) from None
+    chain = lineage(folder)
     click.echo(json.dumps(chain, indent=2, default=str) if as_json else format_lineage(chain))

@@ -17,6 +17,8 @@ import logging
 
 import torch
 
+from rlhf.config import ConfigError
+
 log = logging.getLogger("rlhf")
 
 FP32_ATTENTION = "rlhf_fp32"
@@ -70,7 +72,7 @@ def use_fp32_attention(model) -> None:
         return
     base.set_attn_implementation(FP32_ATTENTION)
     if base.config._attn_implementation != FP32_ATTENTION:
-        raise ValueError(f"attention_softmax_fp32: {type(base).__name__} does not route its attention through transformers' "
+        raise ConfigError(f"attention_softmax_fp32: {type(base).__name__} does not route its attention through transformers' "
                          f"AttentionInterface, so its softmax cannot be moved to fp32 (it stays '{before}'); "
                          f"set attention_softmax_fp32: false for this architecture")
     log.info("attention in fp32 (was %s)", before)
@@ -79,7 +81,7 @@ def use_fp32_attention(model) -> None:
 def shrink_embedding_gradient(model, alpha: float):
     """Scale the input embedding's gradient by ``alpha`` (forward values unchanged); returns the hook handle."""
     if not 0 < alpha <= 1:
-        raise ValueError(f"embedding_gradient_scale must be in (0, 1] (1 is off), got {alpha}")
+        raise ConfigError(f"embedding_gradient_scale must be in (0, 1] (1 is off), got {alpha}")
     emb = model.get_input_embeddings()
     if not any(p.requires_grad for p in emb.parameters()):
         log.warning("embedding_gradient_scale=%s: the embedding layer is frozen (LoRA?), so there is no gradient to shrink", alpha)

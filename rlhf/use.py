@@ -62,15 +62,16 @@ def open_stage(folder: str, kinds: tuple[str, ...], command: str) -> Stage:
     return Stage(str(folder), m["stage"], m, m["base_model"]["path"] if lora else str(folder), str(folder) if lora else None)
 
 
-def load_stage(st: Stage, *, quantization: str = "stage", dtype: str | None = None):
-    """(model, tokenizer) of a stage folder in eval mode. quantization "stage": as the stage trained."""
-    from rlhf.config import ModelConfig
+def load_stage(st: Stage, *, quantization: str = "stage", dtype: str | None = None, trust_remote_code: bool = False):
+    """(model, tokenizer) of a stage folder in eval mode. quantization "stage": as the stage trained.
+    Remote code runs only when the caller (the user's --trust-remote-code) says so, never from the manifest."""
+    from rlhf.config import stage_model_config
     from rlhf.loader import AdapterSpec, load_model, load_tokenizer
     from rlhf.templates import apply_template
 
-    keys = {k: v for k, v in st.config.items() if k in ModelConfig.__dataclass_fields__}
     # finetuning_type lora with no adapter is the plain model, which the loader may also quantize
-    cfg = ModelConfig(**{**keys, "model_name_or_path": st.base, "gradient_checkpointing": False, "finetuning_type": "lora"})
+    cfg = stage_model_config(st.config, trust_remote_code=trust_remote_code, model_name_or_path=st.base,
+                             gradient_checkpointing=False, finetuning_type="lora")
     if quantization != "stage":
         cfg.quantization = quantization
     if dtype:
@@ -93,19 +94,6 @@ def _release() -> None:
         torch.cuda.empty_cache()
 
 
-def _fail(e: Exception):
-    raise click.ClickException(str(e)) from None
-
-
-def _expected_errors():
-    from rlhf.config import ConfigError
-    from rlhf.data import DataError
-    from rlhf.manifest import StageError
-    from rlhf.templates import TemplateError
-
-    return (ConfigError, DataError, StageError, TemplateError, FileNotFoundError)
-
-
 def setup_logging(level: str = "info") -> None:
     """rlhf's log lines at ``level`` (stderr); transformers' load reports and progress bars off: the score head
     a reward model's base "misses" comes from the adapter, and the output should be the table or the chat."""
@@ -123,6 +111,11 @@ def setup_logging(level: str = "info") -> None:
     warnings.filterwarnings("ignore", message=".*deprecated and will be removed in v6.*", category=FutureWarning)
 
 
+trust_remote_code_option = click.option(
+    "--trust-remote-code", is_flag=True,
+    help="Run the base model's own Python code (auto_map in its config.json), if you trust it; a stage folder never turns this on.")
+
+
 def generation_options(f):
     """Sampling settings shared by chat, generate and eval."""
     opts = [
@@ -133,6 +126,7 @@ def generation_options(f):
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling."),
         click.option("--quantization", type=click.Choice(["stage", "none", "4bit", "8bit"]), default="stage", show_default=True,
                      help="Load the base as the stage trained (stage), or unquantized / 4-bit / 8-bit."),
+        trust_remote_code_option,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -157,13 +151,14 @@ HELP = "/reset clears the history, /system TEXT sets the system prompt (and rese
 def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[int], list[dict]]:
     """Prompt ids (generation prompt added) of the conversation and the messages kept: the oldest exchanges
     go (never the system prompt or the last user turn) until it fits ``budget`` tokens."""
+    from rlhf.data import DataError
     from rlhf.templates import encode_prompt
 
     head = messages[:1] if messages and messages[0]["role"] == "system" else []
     body = messages[len(head):]
     while (ids := encode_prompt(tokenizer, head + body, budget)) is None:
         if len(body) <= 1:
-            raise ValueError(f"that message alone is longer than the {budget} tokens a prompt may take; write a "
+            raise DataError(f"that message alone is longer than the {budget} tokens a prompt may take; write a "
                              "shorter one, or raise --max-length")
         body = body[next((i for i in range(1, len(body)) if body[i]["role"] == "user"), len(body) - 1):]
     return ids, head + body
@@ -250,7 +245,7 @@ def _context_length(model) -> int:
 @click.option("--system", default=None, help="System prompt for the conversation.")
 @click.option("--max-length", type=int, default=None, help="Context in tokens (prompt + reply); older turns are dropped to fit [default: the model's].")
 @generation_options
-def chat(folder, system, max_length, max_new_tokens, temperature, top_p, top_k, seed, quantization):
+def chat(folder, system, max_length, max_new_tokens, temperature, top_p, top_k, seed, quantization, trust_remote_code):
     """Chat in the terminal with an SFT or PPO folder (its chat template, streamed replies, multi-turn).
 
     Commands: /reset clears the history, /system TEXT sets the system prompt, /exit quits.
@@ -259,11 +254,8 @@ def chat(folder, system, max_length, max_new_tokens, temperature, top_p, top_k, 
 
     setup_logging("warning")  # the terminal is for the conversation
     sampling = _sampling(0.7 if temperature is None else temperature, top_p, top_k)
-    try:
-        st = open_stage(folder, POLICIES, "rlhf chat")
-        model, tokenizer = load_stage(st, quantization=quantization)
-    except _expected_errors() as e:
-        _fail(e)
+    st = open_stage(folder, POLICIES, "rlhf chat")
+    model, tokenizer = load_stage(st, quantization=quantization, trust_remote_code=trust_remote_code)
     torch.manual_seed(seed)
     max_new_tokens = max_new_tokens or 256
     max_length = max_length or _context_length(model)
@@ -327,6 +319,7 @@ def _read_jsonl(path: str) -> dict[int, dict]:
 
 def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: int = 8, max_new_tokens: int = 256,
                   max_length: int | None = None, sampling: dict | None = None, quantization: str = "stage",
+                  trust_remote_code: bool = False,
                   progress: bool = True) -> int:
     """Replies to every prompt row of a JSONL file; writes each row with `response` added. Returns the count."""
     from rlhf.data import DataError, load_examples
@@ -337,7 +330,7 @@ def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: i
         raise DataError(f"--input {input_path}: expected a .jsonl file (one JSON object per line)")
     examples = load_examples([input_path], kind="prompt")  # bad rows stop here, naming file and line
     rows = _read_jsonl(input_path)
-    model, tokenizer = load_stage(st, quantization=quantization)
+    model, tokenizer = load_stage(st, quantization=quantization, trust_remote_code=trust_remote_code)
     limit = max_length or int(st.config.get("max_prompt_length") or st.config.get("max_length") or 1024)
     prompts, too_long = encode_prompts(tokenizer, examples, limit, input_path)
     if too_long:
@@ -361,20 +354,18 @@ def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: i
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @click.option("--max-length", type=int, default=None, help="Longest prompt in tokens, template applied [default: the stage's max_prompt_length or max_length].")
 @generation_options
-def generate_cmd(folder, input_path, output_path, batch_size, max_length, max_new_tokens, temperature, top_p, top_k, seed, quantization):
+def generate_cmd(folder, input_path, output_path, batch_size, max_length, max_new_tokens, temperature, top_p, top_k, seed,
+                 quantization, trust_remote_code):
     """Batched generation with an SFT or PPO folder over a JSONL file of prompts."""
     import torch
 
     setup_logging()
     torch.manual_seed(seed)
-    try:
-        st = open_stage(folder, POLICIES, "rlhf generate")
-        n = generate_file(st, input_path, output_path, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens or int(st.config.get("max_new_tokens") or 256),
-                          max_length=max_length, sampling=_sampling(temperature or 0.0, top_p, top_k),
-                          quantization=quantization)
-    except _expected_errors() as e:
-        _fail(e)
+    st = open_stage(folder, POLICIES, "rlhf generate")
+    n = generate_file(st, input_path, output_path, batch_size=batch_size,
+                      max_new_tokens=max_new_tokens or int(st.config.get("max_new_tokens") or 256),
+                      max_length=max_length, sampling=_sampling(temperature or 0.0, top_p, top_k),
+                      quantization=quantization, trust_remote_code=trust_remote_code)
     click.echo(f"wrote {n} replies -> {output_path}")
 
 
@@ -449,12 +440,13 @@ class EvalSettings:
     sampling: dict = field(default_factory=lambda: {"do_sample": False})  # greedy
     quantization: str = "stage"
     progress: bool = True
+    trust_remote_code: bool = False  # the user's --trust-remote-code
 
 
 def _eval_rm(st: Stage, pairs: list[dict], s: EvalSettings) -> dict:
     from rlhf.stages.rm import score_pairs
 
-    model, tok = load_stage(st, quantization=s.quantization)
+    model, tok = load_stage(st, quantization=s.quantization, trust_remote_code=s.trust_remote_code)
     max_length = s.max_length or int(st.config.get("max_length") or 1024)
     chosen = score_pairs(model, tok, pairs, [e["chosen"] for e in pairs], max_length, s.batch_size)
     rejected = score_pairs(model, tok, pairs, [e["rejected"] for e in pairs], max_length, s.batch_size)
@@ -469,7 +461,7 @@ def _eval_policy(st: Stage, sft_rows, prompt_rows, metric, replies_needed: bool,
     Returns (metrics, {prompt index: reply} or None)."""
     from rlhf.evaluate import metric_fn
 
-    model, tok = load_stage(st, quantization=s.quantization)
+    model, tok = load_stage(st, quantization=s.quantization, trust_remote_code=s.trust_remote_code)
     max_length = s.max_length or int(st.config.get("max_length") or 1024)
     out, replies = {}, None
     if sft_rows:
@@ -497,7 +489,7 @@ def _rewards(rm: Stage, prompt_rows: list[dict], replies: dict, s: EvalSettings)
     from rlhf.evaluate import prompt_messages
     from rlhf.stages.rm import score_pairs
 
-    model, tok = load_stage(rm, quantization=s.quantization)
+    model, tok = load_stage(rm, quantization=s.quantization, trust_remote_code=s.trust_remote_code)
     idx = sorted(replies)
     vals = score_pairs(model, tok, [{"messages": prompt_messages(prompt_rows[i])} for i in idx], [replies[i] for i in idx],
                        int(rm.config.get("max_length") or 1024), s.batch_size)
@@ -602,7 +594,7 @@ def format_table(result: dict) -> str:
 @click.option("--json-out", default=None, help="Also write the results as JSON to this file.")
 @generation_options
 def eval_cmd(folder, datasets, registry_file, num_samples, rm_dir, baseline, batch_size, max_length, json_out,
-             max_new_tokens, temperature, top_p, top_k, seed, quantization):
+             max_new_tokens, temperature, top_p, top_k, seed, quantization, trust_remote_code):
     """Evaluate a stage folder on held-out data and print one table.
 
     SFT/PPO (and pt) folders: loss and perplexity on answered rows, the dataset's checkable metric (registry
@@ -614,11 +606,8 @@ def eval_cmd(folder, datasets, registry_file, num_samples, rm_dir, baseline, bat
     setup_logging()
     torch.manual_seed(seed)
     s = EvalSettings(list(datasets), registry_file, num_samples, max_new_tokens, max_length, batch_size,
-                     _sampling(temperature or 0.0, top_p, top_k), quantization)
-    try:
-        result = evaluate_folder(folder, s, rm=rm_dir, baseline=baseline)
-    except _expected_errors() as e:
-        _fail(e)
+                     _sampling(temperature or 0.0, top_p, top_k), quantization, trust_remote_code=trust_remote_code)
+    result = evaluate_folder(folder, s, rm=rm_dir, baseline=baseline)
     click.echo(format_table(result))
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")

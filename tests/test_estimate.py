@@ -25,6 +25,7 @@ import sys
 import pytest
 
 from rlhf import estimate as E
+from rlhf.cli import cli
 
 GB = 1e9
 
@@ -204,21 +205,21 @@ def test_propose_fits_and_prefers_speed():
 def test_cli(tiny_model_dir):
     from click.testing import CliRunner
 
-    r = CliRunner().invoke(E.estimate_cmd, ["65b", "--gpu-memory", "48"])
+    r = CliRunner().invoke(cli, ["estimate", "65b", "--gpu-memory", "48"])
     assert r.exit_code == 0, r.output
     assert "LLaMA-65B: 65.29B parameters" in r.output and "| QLoRA 4-bit NF4 + double quant | yes |" in r.output
     assert "quantization: 4bit" in r.output and "gradient_checkpointing: true" in r.output
-    r = CliRunner().invoke(E.estimate_cmd, [tiny_model_dir("gpt2"), "--stage", "ppo"])
+    r = CliRunner().invoke(cli, ["estimate", tiny_model_dir("gpt2"), "--stage", "ppo"])
     assert r.exit_code == 0 and "| QLoRA 4-bit NF4 + double quant | 0.00 |" in r.output, r.output
-    r = CliRunner().invoke(E.estimate_cmd, ["7b", "--stage", "rm", "--batch-size", "2"])
+    r = CliRunner().invoke(cli, ["estimate", "7b", "--stage", "rm", "--batch-size", "2"])
     assert r.exit_code == 0 and "stage rm" in r.output
-    r = CliRunner().invoke(E.estimate_cmd, ["65b", "--gpu-memory", "8"])
+    r = CliRunner().invoke(cli, ["estimate", "65b", "--gpu-memory", "8"])
     assert r.exit_code != 0 and "nothing fits in 8.00 GiB" in r.output
-    r = CliRunner().invoke(E.estimate_cmd, ["no/such/folder/x"])
+    r = CliRunner().invoke(cli, ["estimate", "no/such/folder/x"])
     assert r.exit_code != 0 and "named size" in r.output
-    r = CliRunner().invoke(E.estimate_cmd, ["7b", "--lora-target", "qq_proj"])
+    r = CliRunner().invoke(cli, ["estimate", "7b", "--lora-target", "qq_proj"])
     assert r.exit_code != 0 and "matches no linear layer" in r.output
-    r = CliRunner().invoke(E.estimate_cmd, ["7b", "--gpu-memory", "lots"])
+    r = CliRunner().invoke(cli, ["estimate", "7b", "--gpu-memory", "lots"])
     assert r.exit_code != 0 and "not a memory size" in r.output
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from rlhf.cli import cli
 from rlhf.config import load_config
-from rlhf.export import export_cmd
-from rlhf.use import chat, eval_cmd, generate_cmd
+from rlhf.use import chat
 from helpers import write_jsonl
 
 PAIRS = [(a, b) for a in range(10, 90, 7) for b in range(13, 90, 11) if a != b]
@@ -120,7 +120,7 @@ def test_export_sft_and_ppo_match_the_adapter_model(chain, tmp_path):
     x = tok(question(12, 77), return_tensors="pt")
     for stage in ("sft", "ppo"):
         out = tmp_path / stage
-        r = CliRunner().invoke(export_cmd, [chain[stage], "--out", str(out), "--dtype", "float32", "--max-shard-size", "100KB"])
+        r = CliRunner().invoke(cli, ["export", chain[stage], "--out", str(out), "--dtype", "float32", "--max-shard-size", "100KB"])
         assert r.exit_code == 0, r.output
         assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("*.safetensors"))) > 1  # sharded
         assert not (out / "adapter_config.json").exists()
@@ -142,7 +142,7 @@ def test_export_rm_keeps_the_score_head_and_bf16(chain, tmp_path):
 
     tok = tokenizer_of(chain["rm"])
     x = tok([question(12, 77) + " 77", "Hi there"], return_tensors="pt", padding=True)
-    r = CliRunner().invoke(export_cmd, [chain["rm"], "--out", str(tmp_path / "rm32"), "--dtype", "fp32"])
+    r = CliRunner().invoke(cli, ["export", chain["rm"], "--out", str(tmp_path / "rm32"), "--dtype", "fp32"])
     assert r.exit_code == 0, r.output
     merged = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm32")).eval()
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_export_rm_keeps_the_score_head_and_bf16(chain, tmp_path):
         got = merged(**x).logits
     assert got.shape == (2, 1)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    r = CliRunner().invoke(export_cmd, [chain["rm"], "--out", str(tmp_path / "rm16")])  # default bf16
+    r = CliRunner().invoke(cli, ["export", chain["rm"], "--out", str(tmp_path / "rm16")])  # default bf16
     assert r.exit_code == 0, r.output
     half = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm16"))
     assert half.dtype == torch.bfloat16 and half.config.pad_token_id == tok.pad_token_id
@@ -160,17 +160,17 @@ def test_export_refuses_existing_target_and_non_stage_folders(chain, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    r = CliRunner().invoke(export_cmd, [chain["sft"], "--out", str(out)])
+    r = CliRunner().invoke(cli, ["export", chain["sft"], "--out", str(out)])
     assert r.exit_code == 1 and "already exists; pass --overwrite" in r.output
     assert (out / "keep.txt").is_file()
-    r = CliRunner().invoke(export_cmd, [chain["sft"], "--out", str(out), "--overwrite", "--dtype", "fp16"])
+    r = CliRunner().invoke(cli, ["export", chain["sft"], "--out", str(out), "--overwrite", "--dtype", "fp16"])
     assert r.exit_code == 0, r.output
     assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
-    r = CliRunner().invoke(export_cmd, [str(out), "--out", str(tmp_path / "again")])  # an export is no stage folder
+    r = CliRunner().invoke(cli, ["export", str(out), "--out", str(tmp_path / "again")])  # an export is no stage folder
     assert r.exit_code == 1 and "not a stage folder" in r.output and "plain transformers model" in r.output
-    r = CliRunner().invoke(export_cmd, [str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "does not exist" in r.output
-    r = CliRunner().invoke(export_cmd, [chain["sft"], "--out", chain["sft"], "--overwrite"])
+    r = CliRunner().invoke(cli, ["export", chain["sft"], "--out", chain["sft"], "--overwrite"])
     assert r.exit_code == 1 and "would replace the stage folder" in r.output
     assert not list(tmp_path.glob("*.partial"))
 
@@ -184,7 +184,7 @@ def test_export_of_a_4bit_stage_merges_into_an_unquantized_base(chain, tmp_path)
     q = sft.run(load_config(sft.SFTConfig, None, dict(
         model_name_or_path=chain["base"], dataset="t_sft", registry_file=chain["registry"], output_dir=str(tmp_path / "q"),
         quantization="4bit", max_steps=2, max_length=64, task_eval_samples=0, lora_target="all-linear")))
-    r = CliRunner().invoke(export_cmd, [q, "--out", str(tmp_path / "qx"), "--dtype", "float32"])
+    r = CliRunner().invoke(cli, ["export", q, "--out", str(tmp_path / "qx"), "--dtype", "float32"])
     assert r.exit_code == 0, r.output
     assert "trained on a 4bit base; reloading the base unquantized (float32) for the merge" in r.output
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "qx"))
@@ -292,7 +292,7 @@ def test_generate_batches_match_one_by_one_replies(chain, tmp_path):
             {"instruction": "Say more.", "system": "Be brief.", "id": 5}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    r = CliRunner().invoke(generate_cmd, [chain["ppo"], "--input", inp, "--output", str(out), "--batch-size", "2", "--max-new-tokens", "6"])
+    r = CliRunner().invoke(cli, ["generate", chain["ppo"], "--input", inp, "--output", str(out), "--batch-size", "2", "--max-new-tokens", "6"])
     assert r.exit_code == 0, r.output
     got = [json.loads(line) for line in out.read_text().splitlines()]
     model, tok = plain_policy(chain["base"], chain["ppo"]), tokenizer_of(chain["ppo"])
@@ -306,18 +306,18 @@ def test_generate_batches_match_one_by_one_replies(chain, tmp_path):
 def test_generate_bad_inputs(chain, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "ok"}\n{"instruction": "fine"}\n{"instruction": "broken"\n')
-    r = CliRunner().invoke(generate_cmd, [chain["sft"], "--input", str(bad), "--output", str(tmp_path / "o.jsonl")])
+    r = CliRunner().invoke(cli, ["generate", chain["sft"], "--input", str(bad), "--output", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 1 and re.search(r"bad\.jsonl, line 3: not valid JSON", r.output), r.output
     bad.write_text('{"instruction": "ok"}\n{"question": "no prompt here"}\n')
-    r = CliRunner().invoke(generate_cmd, [chain["sft"], "--input", str(bad), "--output", str(tmp_path / "o.jsonl")])
+    r = CliRunner().invoke(cli, ["generate", chain["sft"], "--input", str(bad), "--output", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 1 and "bad.jsonl, line 2" in r.output, r.output
     long = write_jsonl(tmp_path / "long.jsonl", [{"instruction": "hi"}, {"instruction": "word " * 100}])
-    r = CliRunner().invoke(generate_cmd, [chain["sft"], "--input", long, "--output", str(tmp_path / "o.jsonl")])
+    r = CliRunner().invoke(cli, ["generate", chain["sft"], "--input", long, "--output", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 1 and "long.jsonl, line 2: prompt longer than --max-length 64" in r.output, r.output
     good = write_jsonl(tmp_path / "good.jsonl", [{"instruction": "hi"}])
-    r = CliRunner().invoke(generate_cmd, [chain["rm"], "--input", good, "--output", str(tmp_path / "o.jsonl")])
+    r = CliRunner().invoke(cli, ["generate", chain["rm"], "--input", good, "--output", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 1 and "is a reward model" in r.output
-    r = CliRunner().invoke(generate_cmd, [str(tmp_path), "--input", good, "--output", str(tmp_path / "o.jsonl")])
+    r = CliRunner().invoke(cli, ["generate", str(tmp_path), "--input", good, "--output", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 1 and "not a finished stage folder" in r.output
     assert not (tmp_path / "o.jsonl").exists()
 
@@ -340,7 +340,7 @@ def test_eval_sft_loss_perplexity_and_task_metric(chain, tmp_path):
     (tmp_path / "reg.json").write_text(json.dumps({"t_check": {"source": "file", "path": "check.jsonl", "format": "instruction",
                                                                "metric": "demo_task"}}))
     js = tmp_path / "e.json"
-    r = CliRunner().invoke(eval_cmd, [chain["sft"], "--dataset", "t_check", "--registry-file", str(tmp_path / "reg.json"),
+    r = CliRunner().invoke(cli, ["eval", chain["sft"], "--dataset", "t_check", "--registry-file", str(tmp_path / "reg.json"),
                                       "--json-out", str(js), "--max-new-tokens", "6", "--batch-size", "3"])
     assert r.exit_code == 0, r.output
     res = json.loads(js.read_text())
@@ -364,7 +364,7 @@ def test_eval_sft_loss_perplexity_and_task_metric(chain, tmp_path):
 
 def test_eval_rm_pairwise_accuracy(chain, tmp_path):
     js = tmp_path / "rm.json"
-    r = CliRunner().invoke(eval_cmd, [chain["rm"], "--dataset", "t_pref_eval", "--json-out", str(js)])
+    r = CliRunner().invoke(cli, ["eval", chain["rm"], "--dataset", "t_pref_eval", "--json-out", str(js)])
     assert r.exit_code == 0, r.output
     m = json.loads(js.read_text())["metrics"]
     tok = tokenizer_of(chain["rm"])
@@ -380,7 +380,7 @@ def test_eval_rm_pairwise_accuracy(chain, tmp_path):
 
 def test_eval_policy_reward_and_win_rate_against_baseline(chain, tmp_path):
     js = tmp_path / "ppo.json"
-    r = CliRunner().invoke(eval_cmd, [chain["ppo"], "--rm", chain["rm"], "--baseline", chain["sft"], "--json-out", str(js),
+    r = CliRunner().invoke(cli, ["eval", chain["ppo"], "--rm", chain["rm"], "--baseline", chain["sft"], "--json-out", str(js),
                                       "--max-new-tokens", "6"])
     assert r.exit_code == 0, r.output
     res = json.loads(js.read_text())
@@ -405,11 +405,11 @@ def test_eval_policy_reward_and_win_rate_against_baseline(chain, tmp_path):
 
 
 def test_eval_bad_inputs(chain):
-    r = CliRunner().invoke(eval_cmd, [chain["rm"], "--dataset", "t_prompts"])
+    r = CliRunner().invoke(cli, ["eval", chain["rm"], "--dataset", "t_prompts"])
     assert r.exit_code == 1 and "preference pairs" in r.output
-    r = CliRunner().invoke(eval_cmd, [chain["sft"], "--baseline", chain["rm"]])
+    r = CliRunner().invoke(cli, ["eval", chain["sft"], "--baseline", chain["rm"]])
     assert r.exit_code == 1 and "is a reward model" in r.output
-    r = CliRunner().invoke(eval_cmd, [chain["sft"], "--rm", chain["sft"]])
+    r = CliRunner().invoke(cli, ["eval", chain["sft"], "--rm", chain["sft"]])
     assert r.exit_code == 1 and "needs a rm folder" in r.output
 
 

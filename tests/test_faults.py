@@ -313,3 +313,31 @@ def test_ppo_resume_never_unpickles_a_planted_file(ppo_run, planted, tmp_path, c
             assert log_rows(out, key)[-1][key] == pytest.approx(log_rows(finished, key)[-1][key], rel=1e-3, abs=1e-6)
         assert [r["step"] for r in log_rows(out, "score_mean")] == [1, 2, 3, 4]
     assert not marker.exists()
+
+
+# --- two processes (accelerate launch, gloo): only the main one locks, all resume from the same checkpoint
+
+
+def test_two_processes_resume_past_a_torn_checkpoint_and_refuse_a_second_writer(runs, tmp_path):
+    from test_multiprocess import CPU_CONFIG, free_port
+
+    cfgs, done, _ = runs
+
+    def launch(out, **extra):
+        args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), "--num_processes", "2",
+                "--main_process_port", str(free_port()), "-m", "rlhf", "sft"]
+        for k, v in dict(cfgs["sft"], output_dir=out, **extra).items():
+            args += [f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
+        return subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+
+    out = tmp_path / "sft"
+    work = killed_copy(done["sft"], out)
+    (work / "checkpoints" / "checkpoint-8" / "trainer_state.json").unlink()
+    prepare_output(out, resume=True)  # this process holds the lock: the launch must fail fast, not hang
+    r = launch(out, resume=True)  # rank 0 refuses (18 s here, imports included); the launcher stops rank 1
+    assert r.returncode != 0 and "being written by another running process" in r.stdout + r.stderr
+    unlock_output(out)
+    r = launch(out, resume=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 8
+    assert [r["step"] for r in log_rows(out)] == list(range(1, 9))

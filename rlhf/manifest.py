@@ -6,6 +6,7 @@ renames it to ``<output_dir>`` only when everything, manifest last, is written. 
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
 import hashlib
 import json
@@ -66,6 +67,7 @@ def lock_output(output_dir: str | Path) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _LOCKS[path] = fd
+    atexit.register(unlock_output, output_dir)  # a run that fails leaves no lock file either (a killed one does: harmless)
 
 
 def unlock_output(output_dir: str | Path) -> None:

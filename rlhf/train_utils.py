@@ -34,8 +34,9 @@ def diverged(work: Path, what: str) -> DivergedError:
     """The one-line error for ``what`` (e.g. "loss is nan at step 3"), naming the last good checkpoint."""
     from rlhf.manifest import last_checkpoint
 
-    return DivergedError(f"{what}; stopping. The last good checkpoint is {last_checkpoint(work) or '(none yet)'}: "
-                         "continue with --resume true (e.g. after lowering learning_rate)")
+    ckpt = last_checkpoint(work)
+    todo = f"The last good checkpoint is {ckpt}: continue with --resume true" if ckpt else "No checkpoint was saved before it: rerun"
+    return DivergedError(f"{what}; stopping. {todo} (e.g. after lowering learning_rate)")
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -59,8 +59,8 @@ def resume_point(work: Path, resume: bool, logs: tuple[str, ...] = (LOG_FILE,)) 
         if (problem := checkpoint_problem(ckpt)) is None:
             found = ckpt
             break
-        log.warning("%s is incomplete or damaged (%s): removed, resuming from the checkpoint before it", ckpt, problem)
         if state.is_main_process:
+            log.warning("%s is incomplete or damaged (%s): removed, resuming from the checkpoint before it", ckpt, problem)
             shutil.rmtree(ckpt, ignore_errors=True)
     if state.is_main_process:
         for name in logs:
@@ -135,8 +135,8 @@ def log_callback(work: Path):
             if state.global_step >= state.max_steps > 0:
                 raise TrainingDone()
 
+        # under fp16 the loss scaler skips a step with inf gradients (and lowers its scale): no divergence
         def on_pre_optimizer_step(self, args, state, control, **kw):
-            # under fp16 the loss scaler skips a step with inf gradients and lowers its scale: not a divergence
             if not args.fp16 and not all_finite([p.grad for p in self.params]):
                 raise diverged(work, f"the gradient is not finite at step {state.global_step + 1}")
 
@@ -145,7 +145,7 @@ def log_callback(work: Path):
             if state.is_world_process_zero:
                 with open(work / LOG_FILE, "a") as f:
                     f.write(json.dumps(logs) + "\n")
-            for k in ("loss", "grad_norm", "eval_loss"):
+            for k in ("loss", "eval_loss") if args.fp16 else ("loss", "grad_norm", "eval_loss"):
                 if k in logs and not math.isfinite(float(logs[k])):
                     raise diverged(work, f"{k} is {logs[k]} at step {state.global_step}")
 

@@ -118,10 +118,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()) if Path(path).expanduser().exists() else path,
                                             trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        if "trust_remote_code" not in str(e):
-            raise
-        raise _remote_code_refused(path) from e
+    except Exception as e:  # noqa: BLE001 - transformers/tokenizers name no file (e.g. a torn tokenizer.json)
+        if "trust_remote_code" in str(e):
+            raise _remote_code_refused(path) from e
+        why = (str(e).splitlines() or [type(e).__name__])[0]
+        raise ModelPathError(f"the tokenizer in {path} does not load ({why}); check the path or hub id, or, if a file "
+                             "there is damaged, rerun the stage that wrote it") from e
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ModelPathError(f"tokenizer in {path} has neither a pad nor an eos token; add one before training")

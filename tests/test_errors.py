@@ -167,8 +167,11 @@ def test_full_and_read_only_output_disk(small_disk, tiny_model_dir):
                                         "--num-samples", "16", "--max-steps", "3", "--save-steps", "1", "--max-length", "64",
                                         "--task-eval-samples", "0", "--output-dir", str(out)])
 
+    from rlhf.manifest import unlock_output
+
     full = small_disk()
     one_error(sft(full / "sft"), f"cannot write {full / 'sft'}: no space left on the device", "free space")
+    unlock_output(full / "sft")  # the failed run's lock is released at exit; the disk goes before that
     read_only = small_disk("ro")
     one_error(sft(read_only / "sft"), f"cannot write {read_only}", "the file system is read-only")
 
@@ -197,6 +200,10 @@ def test_damaged_parent_files_are_one_line(tiny_model_dir, tmp_path):
     weights = Path(torn) / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     one_error(CliRunner().invoke(cli, rm_args(torn, tmp_path / "o2")), f"{weights}: damaged adapter weights")
+    for name in ("adapter_config.json", "tokenizer.json"):
+        torn = stage_folder(tmp_path / f"torn_{name}", "sft", base)
+        (Path(torn) / name).write_text('{"version": "1.0", "peft_ty')
+        one_error(CliRunner().invoke(cli, rm_args(torn, tmp_path / f"o_{name}")), torn, "rerun the stage")
 
 
 def test_adapter_of_another_shape_is_one_line(tiny_model_dir, tiny_tokenizer_dir, tmp_path):

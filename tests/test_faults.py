@@ -17,7 +17,7 @@ import torch
 from rlhf.config import load_config
 from rlhf.manifest import (StageError, checkpoint_problem, finish_output, last_checkpoint, prepare_output, read_manifest,
                            unlock_output, work_dir)
-from rlhf.stages import ppo, rm, sft
+from rlhf.stages import ppo, pt, rm, sft
 from rlhf.train_utils import DivergedError, resume_point
 from helpers import write_jsonl
 
@@ -256,6 +256,10 @@ def test_failed_start_leaves_no_working_folder(runs, tmp_path):
         run("sft", **dict(cfgs["sft"], template="no_such_template"), output_dir=tmp_path / "b")
     with pytest.raises(DataError):
         run("rm", **dict(cfgs["rm"], dataset=[data]), output_dir=tmp_path / "c")  # instruction rows, not pairs
+    with pytest.raises(DataError):
+        run("ppo", **dict(ppo_cfg(done, data), dataset=["no_such_dataset"]), output_dir=tmp_path / "d")
+    with pytest.raises(DataError):
+        pt.run(load_config(pt.PTConfig, None, dict(dataset=["no_such_corpus"], output_dir=str(tmp_path / "e"))))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -284,13 +288,17 @@ class Payload:
         return (Path.write_text, (Path(self.marker), "ran"))
 
 
+def ppo_cfg(done, data) -> dict:
+    return dict(sft_dir=str(done["sft"]), rm_dir=str(done["rm"]), dataset=[data], max_steps=4, save_steps=2, batch_size=4,
+                mini_batch_size=4, per_device_train_batch_size=4, ppo_epochs=1, max_new_tokens=4, eval_samples=0,
+                max_prompt_length=48, learning_rate=1e-3, seed=5)
+
+
 @pytest.fixture(scope="module")
 def ppo_run(runs, tmp_path_factory):
     cfgs, done, data = runs
     tmp = tmp_path_factory.mktemp("ppo_faults")
-    cfg = dict(sft_dir=str(done["sft"]), rm_dir=str(done["rm"]), dataset=[data], max_steps=4, save_steps=2, batch_size=4,
-               mini_batch_size=4, per_device_train_batch_size=4, ppo_epochs=1, max_new_tokens=4, eval_samples=0,
-               max_prompt_length=48, learning_rate=1e-3, seed=5)
+    cfg = ppo_cfg(done, data)
     return cfg, Path(run("ppo", **cfg, output_dir=tmp / "ppo"))
 
 

@@ -140,6 +140,7 @@ def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: b
     if state.is_main_process:
         shutil.rmtree(aside_dir(out), ignore_errors=True)  # left by a finish_output killed mid-swap
         if work.exists() and not resume:
+            log.info("%s: starting over (%s)", work, "--overwrite-output-dir" if overwrite else "it holds no checkpoint to resume")
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         if requested is not None:

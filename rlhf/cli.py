@@ -124,7 +124,10 @@ class LazyGroup(click.Group):
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="rlhf")
 def cli():
-    """RLHF with memory-efficient tuning: sft -> rm -> ppo on one (quantized) base with LoRA adapters."""
+    """RLHF with memory-efficient tuning: sft -> rm -> ppo on one (quantized) base with LoRA adapters.
+
+    An error prints one `Error:` line saying what, where and what to do; RLHF_DEBUG=1 shows its traceback.
+    """
 
 
 @cli.group()

@@ -43,7 +43,9 @@ def disk_error(e: BaseException, folder: str | os.PathLike | None = None) -> Dis
         why, what = f"no space left on the device ({free // 1024} KiB free; the write failed with: {e})", where
     else:
         return None
-    todo = "free space there" if err is None or err.errno in (errno.ENOSPC, errno.EDQUOT) else "make it writable"
+    if err is not None and err.errno in (errno.EACCES, errno.EPERM):  # a read as well as a write
+        return DiskError(f"{what}: {why}; check its permissions, or choose another output folder")
+    todo = "make it writable" if err is not None and err.errno == errno.EROFS else "free space there"
     return DiskError(f"cannot write {what}: {why}; {todo}, or choose another output folder")
 
 

@@ -106,6 +106,15 @@ def test_bad_lora_target_name_is_one_line(tiny_model_dir, tmp_path):
     one_error(r, "lora_target 'qproj' matches no linear layer", "q_proj")
 
 
+def test_pipeline_and_inspect_errors_are_one_line(tmp_path):
+    f = tmp_path / "pipeline.yaml"
+    f.write_text("output_root: runs/x\nstages:\n  sft: {learning_rate: 1.0e-3}\n")
+    one_error(CliRunner().invoke(cli, ["pipeline", str(f)]), "sft: no dataset given")
+    (tmp_path / "stage").mkdir()
+    (tmp_path / "stage" / "manifest.json").write_text("{")
+    one_error(CliRunner().invoke(cli, ["inspect", str(tmp_path / "stage")]), "manifest.json: damaged")
+
+
 def test_debug_switch_shows_the_traceback():
     r = CliRunner().invoke(cli, ["sft"], env={"RLHF_DEBUG": "1"})
     assert isinstance(r.exception, ConfigError)
@@ -132,6 +141,8 @@ def test_disk_errors_name_the_folder(tmp_path, monkeypatch):
 
     e = disk_error(OSError(errno.EROFS, "Read-only file system", str(tmp_path / "o.lock")))
     assert "o.lock: the file system is read-only; make it writable" in str(e)
+    e = disk_error(PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "o")))
+    assert f"{tmp_path / 'o'}: permission denied; check its permissions" in str(e)
     assert disk_error(RuntimeError("a bug"), tmp_path) is None  # space left: not the disk's fault
 
     def full(*a, **k):  # a full disk surfaces as torch's "unexpected pos", not as "No space left"

@@ -70,7 +70,7 @@ def resume_point(work: Path, resume: bool, logs: tuple[str, ...] = (LOG_FILE,)) 
     return str(found) if found else None
 
 
-def train(trainer, resume_from: str | None) -> None:
+def train_from(trainer, resume_from: str | None) -> None:
     """``trainer.train``, resumed from ``resume_from``. A checkpoint at the last step (a run killed while saving its
     result) is loaded and not trained on: the HF Trainer would train one step past max_steps."""
     try:

@@ -90,8 +90,8 @@ def run(cfg: RMConfig) -> str:
     from rlhf.loader import load_model, load_tokenizer, trainable_dtypes_kept
     from rlhf.manifest import finish_output, launch_info, prepare_output, process_state
     from rlhf.templates import apply_template
-    from rlhf import train_utils
-    from rlhf.train_utils import load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point, trainer_kwargs
+    from rlhf.train_utils import (load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point, train_from,
+                                  trainer_kwargs)
 
     started, requested, main = time.time(), to_dict(cfg), process_state().is_main_process
     set_seed(cfg.seed)
@@ -117,7 +117,7 @@ def run(cfg: RMConfig) -> str:
     with trainable_dtypes_kept(model):  # a quantized base: trl would cast the score head to bf16
         trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                 processing_class=tokenizer, callbacks=[log_callback(work)])
-    train_utils.train(trainer, resume_point(work, cfg.resume))
+    train_from(trainer, resume_point(work, cfg.resume))
     metrics = {}
     if eval_ds is not None:
         res = trainer.evaluate()

@@ -50,13 +50,13 @@ def run(cfg: SFTConfig) -> str:
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    from rlhf import evaluate, train_utils
+    from rlhf import evaluate
     from rlhf.config import to_dict
     from rlhf.loader import AdapterSpec, inherit_quantization, load_model, load_tokenizer, trainable_dtypes_kept
     from rlhf.manifest import finish_output, launch_info, prepare_output, process_state
     from rlhf.templates import apply_template
     from rlhf.train_utils import (dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point,
-                                  trainer_kwargs)
+                                  train_from, trainer_kwargs)
 
     started, requested, main = time.time(), to_dict(cfg), process_state().is_main_process
     set_seed(cfg.seed)
@@ -106,7 +106,7 @@ def run(cfg: SFTConfig) -> str:
     with trainable_dtypes_kept(model):
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tokenizer, callbacks=[log_callback(work)])
-    train_utils.train(trainer, resume_from)
+    train_from(trainer, resume_from)
     if eval_ds is not None and not any(r.get("step") == trainer.state.global_step and "eval_loss" in r for r in read_log(work)):
         trainer.evaluate()  # the final eval loss, unless the schedule just logged it
 

@@ -105,7 +105,7 @@ class LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (RlhfError, OSError) as e:
-            err = e if isinstance(e, RlhfError) else disk_error(e)
+            err = e if isinstance(e, (RlhfError, FileNotFoundError)) else disk_error(e)
             if err is None or os.environ.get("RLHF_DEBUG", "") not in ("", "0"):
                 raise
             if process_rank() != 0:

@@ -178,10 +178,10 @@ def test_full_and_read_only_output_disk(small_disk, tiny_model_dir):
                                         "--num-samples", "16", "--max-steps", "3", "--save-steps", "1", "--max-length", "64",
                                         "--task-eval-samples", "0", "--output-dir", str(out)])
 
-    from rlhf.manifest import unlock_output
-
     full = small_disk()
     one_error(sft(full / "sft"), f"cannot write {full / 'sft'}: no space left on the device", "free space")
+    from rlhf.manifest import unlock_output
+
     unlock_output(full / "sft")  # the failed run's lock is released at exit; the disk goes before that
     read_only = small_disk("ro")
     one_error(sft(read_only / "sft"), f"cannot write {read_only}", "the file system is read-only")

@@ -185,7 +185,8 @@ def lora_targets(model_or_config, requested) -> list[str] | str:
             if not any(n == want or n.endswith("." + want) for n in names):
                 leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
                 raise ConfigError(f"lora_target '{want}' matches no linear layer of this "
-                                 f"{_model_type(model_or_config) or 'model'}; its linear layers are: {', '.join(leaves)}")
+                                  f"{_model_type(model_or_config) or 'model'}; name some of its linear layers "
+                                  f"({', '.join(leaves)}), or use auto or all-linear")
     return requested
 
 

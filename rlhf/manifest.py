@@ -2,7 +2,8 @@
 
 A stage trains in ``<output_dir>.partial`` (checkpoints live there, so ``--resume`` finds them) and
 renames it to ``<output_dir>`` only when everything, manifest last, is written. A folder without
-``manifest.json`` is never a finished stage.
+``manifest.json`` is never a finished stage. One process writes a stage at a time (a lock), a replaced finished
+folder is swapped out atomically, and a checkpoint is complete by one definition (docs/crash_safety.md).
 """
 from __future__ import annotations
 

@@ -523,6 +523,25 @@ def _freeze_all_but_last_blocks(model, n: int, head: str) -> None:
         getattr(model, _head_name(model)).requires_grad_(True)
 
 
+def check_lora_targets(cfg, path: str | None = None) -> None:
+    """Check named lora_target modules on an empty (meta-device) copy of the model, before any weight loads (a
+    stage calls it before it makes its working folder)."""
+    path = path or _check_base_path(cfg.model_name_or_path)
+    names = [cfg.lora_target] if isinstance(cfg.lora_target, str) else list(cfg.lora_target or [])
+    if not names or names in (["auto"], ["all-linear"]):
+        return
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - no skeleton to check on: the real load reports the problem
+        return
+    lora_targets(skeleton, names)
+
+
 def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True, num_labels: int = 1):
     """Build the model a stage trains or runs, from ``cfg`` (an ``rlhf.config.ModelConfig``).
 
@@ -546,6 +565,8 @@ def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True,
             raise ConfigError(f"finetuning_type={cfg.finetuning_type} trains the base weights; adapters "
                              f"{[a.name for a in adapters]} need finetuning_type: lora")
     path = _check_base_path(cfg.model_name_or_path)
+    if any(a.folder is None for a in adapters):
+        check_lora_targets(cfg, path)
     dtype = resolve_dtype(cfg.dtype)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, device_map=_device_map(quantized))
     qcfg = _quantization_config(cfg, dtype)

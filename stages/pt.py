@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from rlhf.config import DataConfig, TrainConfig, fields_of, opt
+from rlhf.data import DataError
 
 ARCHS = ["llama", "gpt2", "gpt_neox", "bloom", "qwen2", "mistral"]
 
@@ -178,7 +179,7 @@ def run(cfg: PTConfig) -> str:
     eval_texts = [texts[i] for i in order[:n_eval]]
     train_texts = [texts[i] for i in order[n_eval:]]
     if not train_texts:
-        raise ValueError(f"dataset {cfg.dataset}: no training lines left (got {len(texts)} lines, val_size {cfg.val_size})")
+        raise DataError(f"dataset {cfg.dataset}: no training lines left (got {len(texts)} lines, val_size {cfg.val_size})")
     work = prepare_output(cfg.output_dir, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))  # data checked first
     tokenizer = train_tokenizer(train_texts, str(work), vocab_size=cfg.vocab_size)
     if cfg.split_digits:
@@ -187,7 +188,7 @@ def run(cfg: PTConfig) -> str:
     train_ids, eval_ids = _pack(tokenizer, train_texts), _pack(tokenizer, eval_texts)
     block = cfg.block_size
     if len(train_ids) <= block + 1:
-        raise ValueError(f"dataset {cfg.dataset}: {len(train_ids)} tokens, fewer than one window of block_size {block}; lower block_size")
+        raise DataError(f"dataset {cfg.dataset}: {len(train_ids)} tokens, fewer than one window of block_size {block}; lower block_size")
 
     # model
     config = tiny_config(cfg.arch, vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,

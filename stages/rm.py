@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
+from rlhf.data import DataError
 
 log = logging.getLogger("rlhf")
 
@@ -56,7 +57,8 @@ def tokenize_pairs(examples: list[dict], tokenizer, max_length: int, where: str)
     if same:
         log.warning("rm %s: %d pairs became identical after truncation to max_length=%d and were skipped", where, same, max_length)
     if not rows:
-        raise ValueError(f"rm {where}: no usable preference pair (all identical after truncation to max_length={max_length})")
+        raise DataError(f"rm {where}: no usable preference pair (all identical after truncation to max_length={max_length}); "
+                        "raise max_length")
     return Dataset.from_list(rows), {"truncated": truncated, "identical_after_truncation": same}
 
 
@@ -67,8 +69,6 @@ def resolve_parent(cfg: RMConfig) -> tuple[str, list, str | None]:
 
     if cfg.from_base:
         inherit_quantization(cfg, None)
-        if not cfg.model_name_or_path:
-            raise ValueError("rm: from_base needs model_name_or_path")
         return cfg.model_name_or_path, [AdapterSpec("default", trainable=True)], None
     m = check_parent(cfg.sft_dir, "sft", for_stage="rlhf rm")
     inherit_quantization(cfg, m, cfg.sft_dir)
@@ -187,15 +187,15 @@ def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int =
 
     Writes the rows with a `score` key added; returns how many were scored.
     """
-    from rlhf.data import DataError, load_examples
+    from rlhf.data import load_examples
 
-    rows = [json.loads(l) for l in Path(input_path).read_text().splitlines() if l.strip()] if Path(input_path).is_file() else None
-    if rows is None:
+    if not Path(input_path).is_file():
         raise DataError(f"{input_path} does not exist")
+    examples = load_examples([input_path], kind="prompt")  # names the row of a bad line
+    rows = [json.loads(l) for l in Path(input_path).read_text().splitlines() if l.strip()]
     for i, r in enumerate(rows, 1):
         if not isinstance(r.get("response"), str):
             raise DataError(f"{input_path}, row {i}: missing `response` (a string) to score")
-    examples = load_examples([input_path], kind="prompt")
     model, tokenizer = load_reward_model(rm_dir, trust_remote_code=trust_remote_code)
     scores = score_pairs(model, tokenizer, examples, [r["response"] for r in rows], max_length)
     with open(output_path, "w") as f:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
+from rlhf.data import DataError
 
 log = logging.getLogger("rlhf")
 
@@ -40,7 +41,8 @@ def tokenize(examples: list[dict], tokenizer, cfg: SFTConfig):
         log.warning("%d of %d examples have no trainable token left after truncation to max_length=%d; skipped",
                     len(rows) - len(kept), len(rows), cfg.max_length)
     if not kept:
-        raise ValueError(f"no example has a trainable token within max_length={cfg.max_length}")
+        raise DataError(f"sft: no example has a trainable (assistant) token within max_length={cfg.max_length}; raise "
+                        "max_length (a long chat template or system prompt takes tokens too)")
     return Dataset.from_list(kept)
 
 
@@ -52,7 +54,8 @@ def run(cfg: SFTConfig) -> str:
 
     from rlhf import evaluate
     from rlhf.config import to_dict
-    from rlhf.loader import AdapterSpec, inherit_quantization, load_model, load_tokenizer, trainable_dtypes_kept
+    from rlhf.loader import (AdapterSpec, check_lora_targets, inherit_quantization, load_model, load_tokenizer,
+                             trainable_dtypes_kept)
     from rlhf.manifest import finish_output, launch_info, prepare_output, process_state
     from rlhf.templates import apply_template
     from rlhf.train_utils import (dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point,
@@ -69,6 +72,8 @@ def run(cfg: SFTConfig) -> str:
     train_ds = tokenize(train, tokenizer, cfg)
     eval_ds = tokenize(evals, tokenizer, cfg) if evals else None
     log.info("sft: %d training and %d eval examples, template %s", len(train_ds), len(evals), cfg.template)
+    if cfg.finetuning_type == "lora":
+        check_lora_targets(cfg)
     work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
 
     # --- model (the trainer's arguments first: under a DeepSpeed ZeRO-3 launch they make the loader shard the

@@ -99,11 +99,25 @@ def test_names_are_checked_before_torch_loads():
     assert out.strip().endswith("False"), out
 
 
-def test_bad_lora_target_name_is_one_line(tiny_model_dir, tmp_path):
+def test_bad_lora_target_name_is_one_line(tiny_model_dir, tmp_path, monkeypatch):
+    import transformers
+
+    def no_weights(*a, **kw):
+        raise AssertionError("the weights loaded before lora_target was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)  # checked on a meta skeleton
     r = CliRunner().invoke(cli, ["sft", "--model-name-or-path", tiny_model_dir("llama"), "--dataset", "demo_sft",
                                  "--num-samples", "8", "--max-steps", "1", "--output-dir", str(tmp_path / "o"),
                                  "--lora-target", "qproj", "--task-eval-samples", "0"])
     one_error(r, "lora_target 'qproj' matches no linear layer", "q_proj")
+    assert not (tmp_path / "o.partial").exists()
+
+
+def test_bad_json_row_to_score_is_one_line(tmp_path):
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": \n')
+    r = CliRunner().invoke(cli, ["score", str(tmp_path / "no_rm"), "--input", str(bad), "--output", str(tmp_path / "o.jsonl")])
+    one_error(r, "in.jsonl", "2")
 
 
 def test_pipeline_and_inspect_errors_are_one_line(tmp_path):

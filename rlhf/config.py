@@ -6,11 +6,10 @@ where it came from, and the nearest valid key.
 """
 from __future__ import annotations
 
-from rlhf.errors import RlhfError
+from rlhf.errors import RlhfError, did_you_mean
 from rlhf.templates import TEMPLATES
 
 import dataclasses
-import difflib
 import json
 import types
 import typing
@@ -20,6 +19,18 @@ from pathlib import Path
 
 class ConfigError(RlhfError, ValueError):
     """A bad config file or override; the message says what, where and what to do."""
+
+
+# LoRA targets when lora_target is ["auto"] (the attention projections, as in the QLoRA paper's baselines):
+# the loader's (rlhf/loader.py) and `rlhf estimate`'s one table.
+DEFAULT_LORA_TARGETS = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+}
 
 
 def opt(default, help: str, **kw):
@@ -184,8 +195,8 @@ def coerce(value, tp, key: str, where: str):
 
 
 def nearest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.4)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    """The hint after an unknown key: the nearest valid key, else all of them."""
+    return did_you_mean(key, valid, cutoff=0.4, otherwise=f"; valid keys: {', '.join(sorted(valid))}")
 
 
 def build(cls, values: dict, where: dict[str, str]):
@@ -204,9 +215,7 @@ def build(cls, values: dict, where: dict[str, str]):
         v = coerce(value, tp, name, src)
         choices = valid[name].metadata.get("choices")
         if choices and v is not None and v not in choices:
-            close = difflib.get_close_matches(str(v), choices, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"{src}: key '{name}' must be one of {choices}, got {v!r}{hint}")
+            raise ConfigError(f"{src}: key '{name}' must be one of {choices}, got {v!r}{did_you_mean(str(v), choices)}")
         if name == "lora_target" and len(v) > 1 and {"auto", "all-linear"} & set(v):
             raise ConfigError(f"{src}: key 'lora_target': 'auto' and 'all-linear' stand alone, got {','.join(v)}; "
                               "give one of them, or module names such as q_proj,v_proj")

@@ -37,10 +37,9 @@ chosen, rejected. LLaMA-Factory's ``dataset_info.json`` is read as a registry to
 """
 from __future__ import annotations
 
-from rlhf.errors import RlhfError
+from rlhf.errors import RlhfError, did_you_mean
 
 import csv
-import difflib
 import hashlib
 import importlib
 import json
@@ -204,9 +203,8 @@ def _from_llamafactory(name: str, lf: dict, reg: Path) -> dict:
     return e
 
 
-def _nearest(word: str, valid, n: int = 1) -> str:
-    close = difflib.get_close_matches(word, list(valid), n=n, cutoff=0.5)
-    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else f"; valid: {', '.join(valid)}"
+def _nearest(word: str, valid) -> str:
+    return did_you_mean(word, valid, cutoff=0.5, otherwise=f"; valid: {', '.join(valid)}")
 
 
 def _entry(name: str, registry: dict, registry_file: str | None) -> dict:
@@ -220,12 +218,22 @@ def _entry(name: str, registry: dict, registry_file: str | None) -> dict:
     if looks_like_file:
         raise DataError(f"dataset '{name}': no such file, and no registry entry of that name; check the path "
                         "(relative paths start from the current directory)")
-    close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    hint = did_you_mean(name, registry, n=3, cutoff=0.5)
     raise DataError(f"unknown dataset '{name}' (not in the built-in registry"
-                    f"{' or ' + registry_file if registry_file else ''}, and not a file).{hint} "
+                    f"{' or ' + registry_file if registry_file else ''}, and not a file){hint}; "
                     "`rlhf datasets list` shows the names; you can also pass a file path (.jsonl/.json/.csv/.parquet) "
                     "or add an entry to your own registry file (registry_file).")
+
+
+def held_out_split(total: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
+    """The one held-out split (``val_size``: a share < 1 or a count of ``total`` rows): (held-out, training) row
+    indices, both in the order of one shuffle seeded with ``seed``. Callers check that both sides fit their use."""
+    import random
+
+    n = min(max(int(val_size if val_size >= 1 else round(val_size * total)), 0), total)
+    order = list(range(total))
+    random.Random(seed).shuffle(order)
+    return order[:n], order[n:]
 
 
 def check_names(cfg) -> None:

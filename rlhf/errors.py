@@ -4,6 +4,7 @@ template) is an ``RlhfError``. The CLI catches this base once and prints one ``E
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import os
 import shutil
@@ -12,6 +13,13 @@ from pathlib import Path
 
 class RlhfError(Exception):
     """An error the user can fix; the message says what was wrong, where, and what to do."""
+
+
+def did_you_mean(word: str, valid, *, n: int = 1, cutoff: float = 0.6, otherwise: str = "") -> str:
+    """The hint every "unknown ..." error ends with: ``"; did you mean 'x'?"`` naming the (up to ``n``) entries of
+    ``valid`` closest to ``word``, else ``otherwise`` (e.g. ``"; valid keys: a, b"``)."""
+    close = difflib.get_close_matches(word, list(valid), n=n, cutoff=cutoff)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else otherwise
 
 
 class DiskError(RlhfError, OSError):

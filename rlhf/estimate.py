@@ -80,7 +80,7 @@ from pathlib import Path
 
 import click
 
-from rlhf.config import ConfigError
+from rlhf.config import DEFAULT_LORA_TARGETS, ConfigError
 
 GIB = 2**30
 METHODS = ("full_fp32", "full_16bit", "full_amp", "lora", "qlora_8bit", "qlora_4bit")
@@ -282,13 +282,13 @@ class Estimate:
 
 
 def lora_modules(shape: Shape, target) -> list[tuple[str, int, int]]:
-    """The block linears that get LoRA: auto (per-architecture default, as rlhf/loader.py), all-linear, or names."""
+    """The block linears that get LoRA: auto (the loader's per-architecture default), all-linear, or names."""
     target = [target] if isinstance(target, str) else list(target or ["auto"])
     lin = shape.linears()
     if target == ["all-linear"]:
         return lin
     if target == ["auto"]:
-        target = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "bloom": ["query_key_value"]}.get(shape.arch, ["q_proj", "v_proj"])
+        target = DEFAULT_LORA_TARGETS.get(shape.arch, DEFAULT_LORA_TARGETS["llama"])  # llama-named layers
     chosen = [m for m in lin if m[0] in target or m[0].rsplit(".", 1)[-1] in target]
     if not chosen:
         raise ConfigError(f"lora_target {target} matches no linear layer of {shape.name}; its layers: {', '.join(m[0] for m in lin)}")

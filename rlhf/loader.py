@@ -7,7 +7,7 @@ trainable or frozen -- on one copy of the base weights.
 """
 from __future__ import annotations
 
-from rlhf.config import ConfigError
+from rlhf.config import DEFAULT_LORA_TARGETS, ConfigError
 from rlhf.errors import RlhfError
 
 import contextlib
@@ -22,15 +22,6 @@ import torch
 
 log = logging.getLogger("rlhf")
 
-# LoRA targets when lora_target is ["auto"] (the attention projections, as in the QLoRA paper's baselines).
-DEFAULT_LORA_TARGETS = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "bloom": ["query_key_value"],
-}
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Names of the final norm under the base model, by architecture family.

@@ -21,9 +21,8 @@ BOS: only what the template renders (llama3 renders ``bos_token``, e.g.
 """
 from __future__ import annotations
 
-from rlhf.errors import RlhfError
+from rlhf.errors import RlhfError, did_you_mean
 
-import difflib
 
 TEMPLATES: dict[str, str] = {
     "chatml": (
@@ -83,9 +82,8 @@ def apply_template(tokenizer, name: str = "auto") -> str:
                                 f"{', '.join(TEMPLATES)}")
         name = "chatml"
     if name not in TEMPLATES:
-        close = difflib.get_close_matches(name, list(TEMPLATES), n=1)
-        hint = f"did you mean '{close[0]}'? " if close else ""
-        raise TemplateError(f"unknown template '{name}'; {hint}use auto, own, or one of {', '.join(TEMPLATES)}")
+        raise TemplateError(f"unknown template '{name}'; use auto, own, or one of {', '.join(TEMPLATES)}"
+                            f"{did_you_mean(name, TEMPLATES)}")
     template = TEMPLATES[name]
     marker = _MARKERS.get(name)
     if marker and len(tokenizer(marker, add_special_tokens=False)["input_ids"]) != 1:

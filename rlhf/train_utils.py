@@ -210,22 +210,18 @@ def load_train_eval(cfg, kind: str) -> tuple[list[dict], list[dict], dict]:
     Held-out: ``eval_dataset`` when given, else ``val_size`` (a share < 1 or a count) split off the
     training rows with the config's seed.
     """
-    import random
-
     from rlhf.config import ConfigError
-    from rlhf.data import fingerprint, load_examples
+    from rlhf.data import fingerprint, held_out_split, load_examples
 
     kw = dict(kind=kind, registry_file=cfg.registry_file, num_samples=cfg.num_samples, skip_invalid=cfg.skip_invalid_rows, seed=cfg.seed)
     train = load_examples(cfg.dataset, **kw)
     evals = load_examples(cfg.eval_dataset, **kw) if cfg.eval_dataset else []
     if not cfg.eval_dataset and cfg.val_size > 0:
-        n = int(cfg.val_size if cfg.val_size >= 1 else round(cfg.val_size * len(train)))
-        if not 0 < n < len(train):
+        held, rest = held_out_split(len(train), cfg.val_size, cfg.seed)
+        if not held or not rest:
             raise ConfigError(f"val_size {cfg.val_size} leaves no training or no eval rows out of {len(train)}; "
                               "give a share in (0, 1) or a smaller count")
-        order = list(range(len(train)))
-        random.Random(cfg.seed).shuffle(order)
-        held = set(order[:n])
+        held = set(held)
         evals = [e for i, e in enumerate(train) if i in held]
         train = [e for i, e in enumerate(train) if i not in held]
     prints = fingerprint(cfg.dataset + cfg.eval_dataset, cfg.registry_file)

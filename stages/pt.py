@@ -157,7 +157,7 @@ def run(cfg: PTConfig) -> str:
     from transformers import AutoModelForCausalLM, get_scheduler
 
     from rlhf.config import to_dict
-    from rlhf.data import fingerprint
+    from rlhf.data import fingerprint, held_out_split
     from rlhf.config import ConfigError
     from rlhf.manifest import finish_output, prepare_output, process_state
     from rlhf.templates import TEMPLATES
@@ -173,11 +173,8 @@ def run(cfg: PTConfig) -> str:
 
     # data: tokenizer trained on the training lines only; held-out lines measure eval loss
     texts = load_texts(cfg)
-    order = list(range(len(texts)))
-    random.Random(cfg.seed).shuffle(order)
-    n_eval = int(cfg.val_size if cfg.val_size >= 1 else round(cfg.val_size * len(texts)))
-    eval_texts = [texts[i] for i in order[:n_eval]]
-    train_texts = [texts[i] for i in order[n_eval:]]
+    held, rest = held_out_split(len(texts), cfg.val_size, cfg.seed)
+    eval_texts, train_texts = [texts[i] for i in held], [texts[i] for i in rest]
     if not train_texts:
         raise DataError(f"dataset {cfg.dataset}: no training lines left (got {len(texts)} lines, val_size {cfg.val_size})")
     work = prepare_output(cfg.output_dir, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))  # data checked first

@@ -302,7 +302,7 @@ def test_missing_file_unknown_name_wrong_format_and_bad_registry(tmp_path):
         load_examples(["gone"], kind="text", registry_file=reg)
     with pytest.raises(DataError, match=r"no such file"):
         load_examples([str(tmp_path / "missing.jsonl")], kind="text")
-    with pytest.raises(DataError, match=r"unknown dataset 'demo_stf'.*Did you mean: demo_sft"):
+    with pytest.raises(DataError, match=r"unknown dataset 'demo_stf'.*did you mean 'demo_sft'"):
         load_examples(["demo_stf"], kind="sft")
     f = jsonl(tmp_path / "p.jsonl", [{"instruction": "a", "input": ""}])
     with pytest.raises(DataError, match=r"has format 'prompt', but SFT takes instruction or conversation datasets"):

@@ -95,7 +95,7 @@ def test_names_are_checked_before_torch_loads():
             "    except Exception as e:\n        print(type(e).__name__, e)\n"
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "unknown dataset 'demo_sfx'" in out and "Did you mean: demo_sft" in out and "'template'" in out, out
+    assert "unknown dataset 'demo_sfx'" in out and "did you mean 'demo_sft'" in out and "'template'" in out, out
     assert out.strip().endswith("False"), out
 
 

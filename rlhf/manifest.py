@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 from rlhf.errors import RlhfError
+from rlhf.stages import STAGES  # the stage table only (strings): no stage module is imported
 
 log = logging.getLogger("rlhf")
 
 MANIFEST = "manifest.json"
-ORDER = {"pt": "rlhf pt", "sft": "rlhf sft", "rm": "rlhf rm", "ppo": "rlhf ppo"}
 
 
 class StageError(RlhfError, RuntimeError):
@@ -291,6 +291,11 @@ def read_manifest(folder: str | Path) -> dict:
     return m
 
 
+def _command(stage) -> str:
+    """The command that writes a ``stage`` folder (``rlhf sft``), or the name as recorded when it is no stage."""
+    return STAGES[stage].command if stage in STAGES else str(stage)
+
+
 def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, for_stage: str, base_model: str | None = None) -> dict:
     """Check that ``folder`` is a finished output of stage ``expect``; return its manifest.
 
@@ -298,7 +303,7 @@ def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, fo
     so must ``base_model`` when given. Errors say what is wrong and what to run first.
     """
     expect = (expect,) if isinstance(expect, str) else tuple(expect)
-    run_first = " or ".join(ORDER.get(e, e) for e in expect)
+    run_first = " or ".join(_command(e) for e in expect)
     if not folder:
         raise StageError(f"{for_stage}: no {'/'.join(expect)} folder given; run {run_first} first and name its output_dir")
     f = Path(folder)
@@ -308,7 +313,7 @@ def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, fo
         raise StageError(f"{f} does not exist: run {run_first} first (its output_dir), or fix the path")
     m = read_manifest(f)
     if m.get("stage") not in expect:
-        raise StageError(f"{f} is the output of `{ORDER.get(m.get('stage'), m.get('stage'))}`, but {for_stage} needs a {'/'.join(expect)} folder: run {run_first} first")
+        raise StageError(f"{f} is the output of `{_command(m.get('stage'))}`, but {for_stage} needs a {'/'.join(expect)} folder: run {run_first} first")
     if m.get("stage") != "pt":
         for needed in ("adapter_config.json",):
             if (m.get("config", {}).get("finetuning_type", "lora") == "lora") and not (f / needed).is_file():

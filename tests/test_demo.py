@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.manifest import read_manifest
-from rlhf.pipeline import run_pipeline
+from rlhf.cli.pipeline import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

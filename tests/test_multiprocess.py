@@ -23,9 +23,8 @@ SCRIPT = textwrap.dedent('''
     stage, values, dump = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
     rank = int(os.environ["RANK"])
     from rlhf.config import load_config
-    from rlhf.cli import STAGES
-    import importlib
-    mod = importlib.import_module(STAGES[stage][0])
+    from rlhf.stages import STAGES
+    mod = STAGES[stage].load()
 
     def save(named):
         torch.save({n: p.detach().clone() for n, p in named if p.requires_grad}, f"{dump}/rank{rank}.pt")
@@ -46,7 +45,7 @@ SCRIPT = textwrap.dedent('''
                     save(model.named_parameters())
             return WithDump()
         tu.log_callback = log_callback
-    mod.run(load_config(getattr(mod, STAGES[stage][1]), None, values))
+    mod.run(load_config(STAGES[stage].config_class(), None, values))
 ''')
 
 

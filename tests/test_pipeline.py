@@ -8,7 +8,7 @@ import yaml
 from click.testing import CliRunner
 
 from rlhf.manifest import read_manifest
-from rlhf.pipeline import inspect_cmd, lineage, run_pipeline
+from rlhf.cli.pipeline import inspect_cmd, lineage, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_bad_launch_section(tmp_path):
 
 def test_launch_applies_per_stage_and_never_to_pt(tmp_path):
     from rlhf.config import ConfigError
-    from rlhf.pipeline import launch_command, stage_configs
+    from rlhf.cli.pipeline import launch_command, stage_configs
 
     acc = tmp_path / "acc.yaml"
     acc.write_text("distributed_type: MULTI_GPU\n")

@@ -1,7 +1,6 @@
 """A stage killed with SIGKILL after a checkpoint resumes (--resume true) and ends where an uninterrupted run
 with the same seed ends: same step count, final loss within 1e-3 relative. The tolerance only absorbs float
 summation order; on CPU with the RNG state restored from the checkpoint the two runs replay the same batches."""
-import importlib
 import json
 import os
 import signal
@@ -42,11 +41,11 @@ def kill_after_checkpoint(stage, values, ckpt_step: int):
 
 def run_ok(stage, values):
     """Run a stage in this process (the killed run is the only subprocess: imports cost seconds)."""
-    from rlhf.cli import STAGES
+    from rlhf.stages import STAGES
     from rlhf.config import load_config
 
-    mod = importlib.import_module(STAGES[stage][0])
-    mod.run(load_config(getattr(mod, STAGES[stage][1]), None, {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
+    mod = STAGES[stage].load()
+    mod.run(load_config(STAGES[stage].config_class(), None, {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
 
 
 def last_loss(folder, key):

@@ -6,20 +6,13 @@ Heavy libraries (torch, transformers, trl, peft) are imported only when a comman
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 import sys
 import typing
 
 import click
 
-# command -> (module, config class, one-line help). Modules are imported on use only.
-STAGES = {
-    "pt": ("rlhf.stages.pt", "PTConfig", "Pre-train a small base model (and tokenizer) on a text corpus."),
-    "sft": ("rlhf.stages.sft", "SFTConfig", "Supervised fine-tuning (LoRA/QLoRA, full or freeze) on instruction data."),
-    "rm": ("rlhf.stages.rm", "RMConfig", "Train a reward model (score head) on preference pairs, from the SFT adapter."),
-    "ppo": ("rlhf.stages.ppo", "PPOConfig", "PPO on one quantized base: policy, reference, reward and value as adapters."),
-}
+from rlhf.stages import STAGES  # the stage table: strings only, stage modules are imported on use
 
 
 def _option_help(f: dataclasses.Field, tp) -> str:
@@ -33,7 +26,8 @@ class StageCommand(click.Command):
     """A stage: CONFIG.yaml plus ``--key value`` overrides of any config key."""
 
     def __init__(self, name: str):
-        self.module, self.cls_name, short = STAGES[name]
+        self.spec = STAGES[name]
+        short = self.spec.help
         super().__init__(
             name,
             help=f"{short}\n\nCONFIG is a YAML file of config keys; any key can be overridden as --key value, "
@@ -45,11 +39,8 @@ class StageCommand(click.Command):
             callback=self.run,
         )
 
-    def config_class(self):
-        return getattr(importlib.import_module(self.module), self.cls_name)
-
     def format_options(self, ctx, formatter):
-        cls = self.config_class()
+        cls = self.spec.config_class()
         hints = typing.get_type_hints(cls)
         rows = [(f"--{f.name.replace('_', '-')}", _option_help(f, hints[f.name])) for f in dataclasses.fields(cls)]
         with formatter.section("Config keys (YAML key or --option)"):
@@ -67,10 +58,10 @@ class StageCommand(click.Command):
 
         args = list(ctx.args)
         config = args.pop(0) if args and not args[0].startswith("-") and "=" not in args[0] else None
-        _run_stage(self.module, load_config(self.config_class(), config, parse_overrides(args)))
+        _run_stage(self.spec, load_config(self.spec.config_class(), config, parse_overrides(args)))
 
 
-def _run_stage(module: str, cfg):
+def _run_stage(spec, cfg):
     """Run a stage, its dataset names checked first (no model loads for a misspelt name)."""
     from rlhf.data import check_names
     from rlhf.errors import disk_errors
@@ -79,7 +70,7 @@ def _run_stage(module: str, cfg):
     check_names(cfg)
     setup_logging()
     with disk_errors(cfg.output_dir):
-        out = importlib.import_module(module).run(cfg)
+        out = spec.load().run(cfg)
     if process_rank() == 0:
         click.echo(f"done: {out}")
     close_process_group()  # under torchrun/accelerate launch, before interpreter exit (see its docstring)
@@ -177,7 +168,7 @@ def score(rm_dir, input_path, output_path, max_length, trust_remote_code):
 def _register():
     from rlhf.estimate import estimate_cmd
     from rlhf.export import export_cmd
-    from rlhf.pipeline import inspect_cmd, pipeline_cmd
+    from rlhf.cli.pipeline import inspect_cmd, pipeline_cmd
     from rlhf.use import chat, eval_cmd, generate_cmd
 
     for cmd in (pipeline_cmd, inspect_cmd, export_cmd, chat, generate_cmd, eval_cmd, estimate_cmd):

@@ -19,7 +19,6 @@ folder as its base, rm reads sft, ppo reads sft and rm.
 """
 from __future__ import annotations
 
-import importlib
 import json
 import socket
 import subprocess
@@ -28,8 +27,8 @@ from pathlib import Path
 
 import click
 
-ORDER = ["pt", "sft", "rm", "ppo"]
-LINKS = {"sft": {"model_name_or_path": "pt"}, "rm": {"sft_dir": "sft"}, "ppo": {"sft_dir": "sft", "rm_dir": "rm"}}
+from rlhf.stages import STAGES  # run order and parent links
+
 PIPELINE_KEYS = {"output_root", "shared", "stages", "launch"}
 LAUNCH_KEYS = {"launcher", "num_processes", "config_file", "args"}
 
@@ -104,7 +103,6 @@ def run_launched(spec: dict, stage: str, cfg, root: Path, pipeline_file: str) ->
 
 def stage_configs(path: str, overrides: dict | None = None, output_root: str | None = None) -> list[tuple[str, object, dict | None]]:
     """(stage, typed config, launch spec) in run order, with shared keys, links and output folders filled in."""
-    from rlhf.cli import STAGES
     from rlhf.config import ConfigError, build, fields_of, nearest, read_yaml
 
     spec = read_yaml(path)
@@ -113,14 +111,14 @@ def stage_configs(path: str, overrides: dict | None = None, output_root: str | N
         raise ConfigError(f"{path}: unknown key '{k}'{nearest(k, PIPELINE_KEYS)}")
     stages = spec.get("stages") or {}
     if not isinstance(stages, dict) or not stages:
-        raise ConfigError(f"{path}: `stages:` must map stage names ({', '.join(ORDER)}) to config files")
-    if bad := [s for s in stages if s not in ORDER]:
-        raise ConfigError(f"{path}: unknown stage '{bad[0]}'{nearest(bad[0], ORDER)}")
+        raise ConfigError(f"{path}: `stages:` must map stage names ({', '.join(STAGES)}) to config files")
+    if bad := [s for s in stages if s not in STAGES]:
+        raise ConfigError(f"{path}: unknown stage '{bad[0]}'{nearest(bad[0], list(STAGES))}")
     root = Path(output_root or spec.get("output_root", "runs/pipeline"))
     shared = {**(spec.get("shared") or {}), **(overrides or {})}
     default_launch = launch_spec(spec.get("launch"), path, Path(path).parent)
     out = []
-    for stage in [s for s in ORDER if s in stages]:
+    for stage in [s for s in STAGES if s in stages]:
         entry = stages[stage]
         entry = {"config": entry} if isinstance(entry, str) else dict(entry or {})
         launch = launch_spec(entry.pop("launch"), f"{path} (stages.{stage})", Path(path).parent) if "launch" in entry else default_launch
@@ -128,7 +126,7 @@ def stage_configs(path: str, overrides: dict | None = None, output_root: str | N
             if "launch" in (stages[stage] if isinstance(stages[stage], dict) else {}):
                 raise ConfigError(f"{path} (stages.pt): pt trains its small base in one process; drop its `launch:`")
             launch = None  # the pipeline-wide launch is for sft, rm and ppo
-        cls = getattr(importlib.import_module(STAGES[stage][0]), STAGES[stage][1])
+        cls = STAGES[stage].config_class()
         valid = fields_of(cls)
         values, where = {}, {}
         if file := entry.pop("config", None):
@@ -141,7 +139,7 @@ def stage_configs(path: str, overrides: dict | None = None, output_root: str | N
         for k, v in entry.items():
             values[k], where[k] = v, f"{path} (stages.{stage})"
         values["output_dir"] = str(root / stage)
-        for key, parent in LINKS.get(stage, {}).items():
+        for key, parent in STAGES[stage].parents:
             if parent in stages:
                 values[key] = str(root / parent)
         out.append((stage, build(cls, values, where), launch))
@@ -213,7 +211,7 @@ def run_pipeline(path: str, *, start: str | None = None, only: str | None = None
             run_launched(launch, stage, cfg, Path(cfg.output_dir).parent, path)
         else:
             with disk_errors(cfg.output_dir):
-                importlib.import_module(f"rlhf.stages.{stage}").run(cfg)
+                STAGES[stage].load().run(cfg)
         report.append((stage, "resumed" if resume else "ran"))
         dirty = True
     return report

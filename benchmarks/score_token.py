@@ -39,6 +39,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from rlhf.config import load_config
     from rlhf.data import load_examples
+    from rlhf.generation import left_pad
     from rlhf.loader import load_tokenizer
     from rlhf.logging_utils import setup_logging
     from rlhf.scoring import score_positions
@@ -65,7 +66,7 @@ def main() -> None:
     for side in ("chosen", "rejected"):
         rows = [encode_pair(tok, e["messages"], e[side], args.max_length)[0] for e in pairs]
         trained = rm.score_pairs(model, tok, pairs, [e[side] for e in pairs], args.max_length)
-        ids, attn = ppo.left_pad(rows, tok.pad_token_id)
+        ids, attn = left_pad(rows, tok.pad_token_id)
         with torch.no_grad():
             s = roles.head_forward(ids, attn, "reward", roles.reward_head)
         result[side] = {"as trained": trained, "as PPO reads it": s[torch.arange(len(ids)), score_positions(ids, tok.pad_token_id)].tolist(),

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
 
@@ -328,51 +327,17 @@ class OneBase:
 # Rollout
 
 
-def left_pad(prompts: list[list[int]], pad_id: int):
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, width - len(p) :] = 1
-    return ids, attn
-
-
-def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, ended): mask is 1 up to and including the first stop token (the whole row if none); ended says
-    whether the row has a stop token."""
-    is_stop = torch.isin(responses, torch.tensor(stop_ids, device=responses.device))
-    ended = is_stop.any(1)
-    first = torch.where(ended, is_stop.int().argmax(1), responses.shape[1] - 1)
-    mask = (torch.arange(responses.shape[1], device=responses.device)[None] <= first[:, None]).long()
-    return mask, ended
-
-
 @torch.no_grad()
 def generate(roles: OneBase, prompts: list[list[int]], tokenizer, stop_ids, cfg: PPOConfig, do_sample: bool = True):
-    """Sample responses with the policy. Returns (ids, attn, response_mask, ended) with ids = left-padded prompt +
-    response, tokens after the first stop token replaced by pad and masked out (trl's truncate_response)."""
-    from transformers import GenerationConfig
+    """Sample responses with the policy (rlhf.generation.generate): (ids, attn, response_mask, ended), tokens after
+    the first stop token replaced by pad and masked out. The model stays in eval mode for the no-grad passes."""
+    from rlhf.generation import generate as sample
 
-    model, device = roles.model, roles.value_head.weight.device
     roles.use("policy")
-    model.eval()
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, do_sample=do_sample, temperature=cfg.temperature if do_sample else None,
-                           top_k=cfg.top_k if do_sample else None, top_p=cfg.top_p if do_sample else None,
-                           eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id)
-    pad = tokenizer.pad_token_id
-    q_ids, q_attn = left_pad(prompts, pad)
-    chunks = []
-    for i in range(0, len(prompts), cfg.per_device_eval_batch_size):
-        ids, attn = q_ids[i : i + cfg.per_device_eval_batch_size].to(device), q_attn[i : i + cfg.per_device_eval_batch_size].to(device)
-        chunks.append(model.generate(input_ids=ids, attention_mask=attn, generation_config=gen)[:, q_ids.shape[1] :])
-    width = max(c.shape[1] for c in chunks)
-    responses = torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad) for c in chunks])
-    mask, ended = response_mask(responses, stop_ids)
-    responses = responses.masked_fill(mask == 0, pad)
-    ids = torch.cat([q_ids.to(device), responses], 1)
-    attn = torch.cat([q_attn.to(device), mask], 1)
-    return ids, attn, mask, ended
+    roles.model.eval()
+    return sample(roles.model, prompts, pad_token_id=tokenizer.pad_token_id, stop_ids=stop_ids,
+                  max_new_tokens=cfg.max_new_tokens, do_sample=do_sample, temperature=cfg.temperature,
+                  top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.per_device_eval_batch_size)
 
 
 def chunked(fn, n: int, size: int, *tensors):
@@ -693,6 +658,7 @@ def build_roles(cfg: PPOConfig, pad_token_id: int):
 def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig, metric: str | None, seed: int) -> dict:
     """Mean reward and task metric on held-out prompts: sampled (PPO's temperature, fixed seed) and greedy."""
     from rlhf.evaluate import metric_fn
+    from rlhf.generation import decode
 
     out = {}
     for mode, sample in (("", True), ("_greedy", False)):
@@ -709,10 +675,6 @@ def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig
             texts = decode(tokenizer, ids[:, -mask.shape[1] :], mask)
             out[f"eval_task_metric{mode}"] = float(metric_fn(metric)(metas, texts))
     return out
-
-
-def decode(tokenizer, responses, mask) -> list[str]:
-    return [tokenizer.decode(r[: int(m.sum())], skip_special_tokens=True) for r, m in zip(responses.tolist(), mask)]
 
 
 def plot(rows: list[dict], png: Path) -> None:
@@ -732,6 +694,7 @@ def run(cfg: PPOConfig) -> str:
 
     from rlhf.config import to_dict
     from rlhf.evaluate import metric_fn
+    from rlhf.generation import decode
     from rlhf.loader import inherit_quantization, load_tokenizer
     from rlhf.manifest import check_parent, finish_output, launch_info, prepare_output
     from rlhf.templates import apply_template, stop_token_ids

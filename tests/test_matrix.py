@@ -18,6 +18,7 @@ import torch
 from helpers import write_jsonl
 from rlhf.config import load_config
 from rlhf.stages import ppo, rm, sft
+from rlhf.generation import response_mask
 from rlhf.tiny import ARCHS
 
 QUANTS = ("none", "4bit", "8bit")
@@ -108,7 +109,7 @@ def test_chain(arch, quantization, setup, tiny_tokenizer_dir, data, tmp_path):
     responses = ids[:, -mask.shape[1]:].clone()
     for i in range(len(responses)):
         responses[i, i % responses.shape[1]] = stops[-1]
-    stopped_mask, stopped = ppo.response_mask(responses, stops)
+    stopped_mask, stopped = response_mask(responses, stops)
     responses = responses.masked_fill(stopped_mask == 0, tok.pad_token_id)
     ids2 = torch.cat([ids[:, : -mask.shape[1]], responses], 1)
     attn2 = torch.cat([attn[:, : -mask.shape[1]], stopped_mask], 1)

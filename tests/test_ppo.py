@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf.config import ConfigError, load_config
+from rlhf.generation import left_pad, response_mask
 from rlhf.manifest import StageError
 from rlhf.stages import ppo
 from rlhf.stages.ppo import PPOConfig
@@ -103,7 +104,7 @@ def test_missing_eos_penalty_after_normalisation():
 
 def test_response_mask_cuts_after_first_stop():
     responses = torch.tensor([[5, 7, 2, 9, 2], [5, 5, 5, 5, 5], [3, 2, 4, 4, 4]])
-    mask, ended = ppo.response_mask(responses, [2, 3])
+    mask, ended = response_mask(responses, [2, 3])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert ended.tolist() == [True, False, True]
 
@@ -264,7 +265,7 @@ def test_logprobs_match_the_sampling_distribution(arch, parents, tiny_model_dir,
     tok, stops = tokenizer_of(parents)
     prompts = prompts_of(tok, 6)
     assert len({len(p) for p in prompts}) > 1
-    ids, attn = ppo.left_pad(prompts, tok.pad_token_id)
+    ids, attn = left_pad(prompts, tok.pad_token_id)
     roles.use("policy")
     roles.model.eval()
     out = roles.model.generate(input_ids=ids, attention_mask=attn, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,

@@ -39,13 +39,14 @@ def main() -> None:
     torch.set_num_threads(1)
     from rlhf.config import load_config
     from rlhf.data import load_examples
+    from rlhf.evaluate import pairwise
     from rlhf.generation import left_pad
     from rlhf.loader import load_tokenizer
     from rlhf.logging_utils import setup_logging
-    from rlhf.scoring import score_positions
+    from rlhf.scoring import score_pairs, score_positions
+    from rlhf.stage_folder import load_reward_model
     from rlhf.stages import ppo, pt, rm, sft
     from rlhf.templates import encode_pair
-    from rlhf.use import pairwise
 
     setup_logging()
     w = Path(args.workdir)
@@ -60,12 +61,12 @@ def main() -> None:
     cfg = load_config(ppo.PPOConfig, None, dict(sft_dir=sft_dir, rm_dir=rm_dir, model_name_or_path=base))
     cfg.quantization = "none"
     roles = ppo.build_roles(cfg, tok.pad_token_id)
-    model, _ = rm.load_reward_model(rm_dir)
+    model, _ = load_reward_model(rm_dir)
     print(f"template {args.template}: pad {tok.pad_token!r}, eos {tok.eos_token!r}, {len(pairs)} held-out pairs")
     result = {}
     for side in ("chosen", "rejected"):
         rows = [encode_pair(tok, e["messages"], e[side], args.max_length)[0] for e in pairs]
-        trained = rm.score_pairs(model, tok, pairs, [e[side] for e in pairs], args.max_length)
+        trained = score_pairs(model, tok, pairs, [e[side] for e in pairs], args.max_length)
         ids, attn = left_pad(rows, tok.pad_token_id)
         with torch.no_grad():
             s = roles.head_forward(ids, attn, "reward", roles.reward_head)

@@ -1,12 +1,15 @@
-"""The checkable task metric on held-out prompts (used by stages and tests); generation is rlhf/generation.py."""
+"""Evaluation: the checkable task metric on held-out prompts (in-run, by the stages), and a finished stage folder
+measured on held-out data (`rlhf eval`): loss and perplexity, RM pairwise accuracy, reward and win rate; the
+replies of `rlhf generate`. Generation itself is rlhf/generation.py; the command line is rlhf/cli/use.py."""
 from __future__ import annotations
 
 import importlib
+import math
+from dataclasses import dataclass, field
 
 from rlhf.data import DataError
 from rlhf.generation import generate_text
-
-generate = generate_text  # the name rlhf/use.py imports, until it calls rlhf.generation itself
+from rlhf.stage_folder import POLICIES, SCORERS, Stage, load_stage, open_stage, release
 
 # registry `metric:` name -> module with `task_metric(rows, responses) -> float`
 METRICS = {"demo_task": "rlhf.demo_task"}
@@ -37,3 +40,223 @@ def prompt_messages(example: dict) -> list[dict]:
     """The prompt part of an example: everything before its last assistant turn."""
     msgs = example["messages"]
     return msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a finished stage folder on held-out data (`rlhf eval`, `rlhf generate`)
+
+
+def generate_all(model, tokenizer, prompts: list[list[int]], *, batch_size: int, max_new_tokens: int, sampling: dict,
+                 desc: str = "generate", progress: bool = True) -> list[str]:
+    """Replies to tokenized prompts, in order; batches of similar length (less padding), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str | None] = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            replies = generate_text(model, tokenizer, [prompts[i] for i in idx], max_new_tokens=max_new_tokens,
+                                    batch_size=batch_size, **sampling)
+            for i, r in zip(idx, replies):
+                out[i] = r
+            bar.update(len(idx))
+    return out
+
+
+def encode_prompts(tokenizer, examples: list[dict], max_length: int, what: str) -> tuple[list[list[int]], list[int]]:
+    """Prompt ids (generation prompt added) of ``examples`` and the indices of those longer than ``max_length``."""
+    from rlhf.templates import encode_prompt
+
+    ids, too_long = [], []
+    for i, e in enumerate(examples):
+        p = encode_prompt(tokenizer, prompt_messages(e), max_length)
+        if p is None:
+            too_long.append(i)
+        ids.append(p)
+    if too_long and len(too_long) == len(examples):
+        raise DataError(f"{what}: every prompt is longer than {max_length} tokens (chat template applied); raise --max-length")
+    return ids, too_long
+
+
+def _load_or_none(names, kind: str, **kw):
+    """Examples of ``kind``, or None when the datasets' format cannot serve it (e.g. prompts have no answers)."""
+    from rlhf.data import FormatError, load_examples
+
+    try:
+        return load_examples(names, kind=kind, **kw)
+    except FormatError:
+        return None
+
+
+def lm_loss(model, tokenizer, examples: list[dict], max_length: int, batch_size: int = 8) -> tuple[float, int]:
+    """Mean negative log-likelihood per trained token (the assistant turns, as SFT trains) and the token count."""
+    import torch
+
+    from rlhf.templates import encode_sft
+
+    rows = [r for e in examples if (r := encode_sft(tokenizer, e["messages"], max_length))]
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i : i + batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+            labels = torch.full_like(ids, -100)
+            attn = torch.zeros_like(ids)
+            for j, r in enumerate(batch):  # right padding
+                n = len(r["input_ids"])
+                ids[j, :n], labels[j, :n], attn[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
+            target = labels[:, 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="sum")
+            total += nll.item()
+            count += int((target != -100).sum())
+    if not count:
+        raise DataError(f"no example keeps an assistant token within max_length={max_length}; raise --max-length")
+    return total / count, count
+
+
+def pairwise(chosen: list[float], rejected: list[float]) -> dict:
+    """Reward-model accuracy (share of pairs with chosen scored above rejected; ties count as wrong) and margins."""
+    n = len(chosen)
+    return {"accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
+            "margin_mean": sum(c - r for c, r in zip(chosen, rejected)) / n,
+            "score_chosen_mean": sum(chosen) / n, "score_rejected_mean": sum(rejected) / n}
+
+
+def win_rate(a: list[float], b: list[float]) -> float:
+    """Share of prompts where reply a outscores reply b; ties count half."""
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+
+
+@dataclass
+class EvalSettings:
+    """What `rlhf eval` reads and how it generates (the command's options)."""
+
+    datasets: list[str]
+    registry_file: str | None = None
+    num_samples: int | None = None
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    batch_size: int = 8
+    sampling: dict = field(default_factory=lambda: {"do_sample": False})  # greedy
+    quantization: str = "stage"
+    progress: bool = True
+    trust_remote_code: bool = False  # the user's --trust-remote-code
+
+
+def _eval_rm(st: Stage, pairs: list[dict], s: EvalSettings) -> dict:
+    from rlhf.scoring import score_pairs
+
+    model, tok = load_stage(st, quantization=s.quantization, trust_remote_code=s.trust_remote_code)
+    max_length = s.max_length or int(st.config.get("max_length") or 1024)
+    chosen = score_pairs(model, tok, pairs, [e["chosen"] for e in pairs], max_length, s.batch_size)
+    rejected = score_pairs(model, tok, pairs, [e["rejected"] for e in pairs], max_length, s.batch_size)
+    del model
+    release()
+    return {**pairwise(chosen, rejected), "pairs": len(pairs)}
+
+
+def _eval_policy(st: Stage, sft_rows, prompt_rows, metric, replies_needed: bool, s: EvalSettings, max_new_tokens: int):
+    """Loss/perplexity on answered rows; replies to the prompts when something scores them; the task metric.
+
+    Returns (metrics, {prompt index: reply} or None)."""
+    model, tok = load_stage(st, quantization=s.quantization, trust_remote_code=s.trust_remote_code)
+    max_length = s.max_length or int(st.config.get("max_length") or 1024)
+    out, replies = {}, None
+    if sft_rows:
+        loss, tokens = lm_loss(model, tok, sft_rows, max_length, s.batch_size)
+        out.update(loss=loss, perplexity=math.exp(min(loss, 700.0)), loss_tokens=tokens)
+    if replies_needed:
+        limit = int(st.config.get("max_prompt_length") or max_length)
+        prompts, too_long = encode_prompts(tok, prompt_rows, limit, "eval prompts")
+        keep = [i for i in range(len(prompts)) if prompts[i] is not None]
+        got = generate_all(model, tok, [prompts[i] for i in keep], batch_size=s.batch_size, max_new_tokens=max_new_tokens,
+                           sampling=s.sampling, desc=f"generate ({st.stage})", progress=s.progress)
+        replies = dict(zip(keep, got))
+        if too_long:
+            out["prompts_too_long"] = len(too_long)
+        if metric:
+            out["task_metric"] = float(metric_fn(metric)([prompt_rows[i]["meta"] for i in keep], got))
+            out["task_prompts"] = len(keep)
+    del model
+    release()
+    return out, replies
+
+
+def _rewards(rm: Stage, prompt_rows: list[dict], replies: dict, s: EvalSettings) -> dict:
+    """{prompt index: reward} of the replies under the reward model."""
+    from rlhf.scoring import score_pairs
+
+    model, tok = load_stage(rm, quantization=s.quantization, trust_remote_code=s.trust_remote_code)
+    idx = sorted(replies)
+    vals = score_pairs(model, tok, [{"messages": prompt_messages(prompt_rows[i])} for i in idx], [replies[i] for i in idx],
+                       int(rm.config.get("max_length") or 1024), s.batch_size)
+    del model
+    release()
+    return dict(zip(idx, vals))
+
+
+def evaluate_folder(folder: str, s: EvalSettings, *, rm: str | None = None, baseline: str | None = None) -> dict:
+    """Metrics of a stage folder on held-out data (and of a baseline folder of the same kind), as a dict.
+
+    RM folder: pairwise accuracy on a preference dataset. Policy folder (pt/sft/ppo): loss and perplexity on
+    answered rows (instruction/conversation datasets), the registry's checkable metric (``metric:``) on the
+    replies, and with ``rm`` the mean reward of the replies and, with ``baseline``, the win rate against the
+    baseline's replies to the same prompts.
+    """
+    from rlhf.manifest import StageError
+    from rlhf.train_utils import dataset_metric
+
+    st = open_stage(folder, POLICIES + SCORERS, "rlhf eval")
+    kinds = SCORERS if st.stage in SCORERS else POLICIES
+    other = open_stage(baseline, kinds, "rlhf eval --baseline") if baseline else None
+    scorer = open_stage(rm, SCORERS, "rlhf eval --rm") if rm else None
+    names = s.datasets or list(st.config.get("eval_dataset") or [])
+    if not names:
+        raise DataError(f"rlhf eval: {folder} names no eval_dataset in its manifest; give --dataset NAME (a registry "
+                        "name or a file)")
+    registry = s.registry_file or st.config.get("registry_file")
+    kw = dict(registry_file=registry, num_samples=s.num_samples)
+    result = {"folder": str(folder), "stage": st.stage, "datasets": names, "rm": rm,
+              "baseline": {"folder": str(baseline), "stage": other.stage} if other else None}
+
+    if st.stage in SCORERS:
+        if rm:
+            raise StageError("rlhf eval: --rm scores a policy's replies, but the folder is a reward model itself")
+        pairs = _load_or_none(names, "preference", **kw)
+        if pairs is None:
+            raise DataError(f"rlhf eval: a reward model is measured on preference pairs (chosen/rejected); "
+                            f"{', '.join(names)} has none")
+        result["metrics"] = _eval_rm(st, pairs, s)
+        if other:
+            result["baseline"]["metrics"] = _eval_rm(other, pairs, s)
+        return result
+
+    sft_rows = _load_or_none(names, "sft", **kw)
+    prompt_rows = sft_rows if sft_rows is not None else _load_or_none(names, "prompt", **kw)
+    if prompt_rows is None:
+        raise DataError(f"rlhf eval: {', '.join(names)} has neither answers nor prompts to evaluate a policy on")
+    metric = dataset_metric(names, registry)
+    if not (sft_rows or metric or rm):
+        raise DataError(f"rlhf eval: nothing to measure on {', '.join(names)}: it has no reference answers (for the "
+                        "loss), no `metric:` in the registry, and no --rm was given to score replies")
+    new_tokens = s.max_new_tokens or int(st.config.get("max_new_tokens") or 256)
+    need = bool(metric or rm)
+    result["metrics"], replies = _eval_policy(st, sft_rows, prompt_rows, metric, need, s, new_tokens)
+    if other:
+        result["baseline"]["metrics"], base_replies = _eval_policy(other, sft_rows, prompt_rows, metric, need, s, new_tokens)
+    if scorer:
+        mine = _rewards(scorer, prompt_rows, replies, s)
+        result["metrics"]["reward_mean"] = sum(mine.values()) / len(mine)
+        if other:
+            theirs = _rewards(scorer, prompt_rows, base_replies, s)
+            both = sorted(set(mine) & set(theirs))
+            result["baseline"]["metrics"]["reward_mean"] = sum(theirs.values()) / len(theirs)
+            result["metrics"]["win_rate"] = win_rate([mine[i] for i in both], [theirs[i] for i in both])
+            result["baseline"]["metrics"]["win_rate"] = 1.0 - result["metrics"]["win_rate"]
+    if need:
+        result["generation"] = {"max_new_tokens": new_tokens, **s.sampling}
+    return result

@@ -10,11 +10,9 @@ The folder loads with plain transformers + peft:
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
 from rlhf.data import DataError
@@ -139,66 +137,3 @@ def run(cfg: RMConfig) -> str:
                         launch=launch_info(trainer.accelerator))
     process_state().wait_for_everyone()
     return str(out)
-
-
-def load_reward_model(rm_dir: str, quantization: str = "none", trust_remote_code: bool = False):
-    """(model, tokenizer) of a finished RM folder, for scoring."""
-    from rlhf.config import stage_model_config
-    from rlhf.loader import AdapterSpec, load_model, load_tokenizer
-    from rlhf.manifest import check_parent
-
-    m = check_parent(rm_dir, "rm", for_stage="rlhf score")
-    mcfg = stage_model_config(m["config"], trust_remote_code=trust_remote_code, quantization=quantization,
-                              gradient_checkpointing=False)
-    lora = m["config"].get("finetuning_type", "lora") == "lora"
-    if not lora:
-        mcfg.model_name_or_path = rm_dir
-    model = load_model(mcfg, head="score", adapters=[AdapterSpec("default", folder=rm_dir)] if lora else [], for_training=False)
-    model.eval()
-    tokenizer = load_tokenizer(rm_dir, trust_remote_code)
-    return model, tokenizer
-
-
-def score_pairs(model, tokenizer, examples: list[dict], responses: list[str], max_length: int = 1024, batch_size: int = 16) -> list[float]:
-    """Scores of (prompt messages, response) pairs under a reward model."""
-    import torch
-
-    from rlhf.templates import encode_pair
-
-    ids = [encode_pair(tokenizer, e["messages"], r, max_length)[0] for e, r in zip(examples, responses)]
-    device = next(model.parameters()).device
-    scores = []
-    with torch.no_grad():
-        for i in range(0, len(ids), batch_size):
-            batch = ids[i : i + batch_size]
-            width = max(map(len, batch))
-            x = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(x)
-            for j, seq in enumerate(batch):  # right padding: the head reads the last non-pad token
-                x[j, : len(seq)] = torch.tensor(seq)
-                mask[j, : len(seq)] = 1
-            scores += model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
-    return scores
-
-
-def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int = 1024,
-               trust_remote_code: bool = False) -> int:
-    """Score each row of a JSONL file: prompt fields (instruction/input, prompt, or messages) + `response`.
-
-    Writes the rows with a `score` key added; returns how many were scored.
-    """
-    from rlhf.data import load_examples
-
-    if not Path(input_path).is_file():
-        raise DataError(f"{input_path} does not exist")
-    examples = load_examples([input_path], kind="prompt")  # names the row of a bad line
-    rows = [json.loads(l) for l in Path(input_path).read_text().splitlines() if l.strip()]
-    for i, r in enumerate(rows, 1):
-        if not isinstance(r.get("response"), str):
-            raise DataError(f"{input_path}, row {i}: missing `response` (a string) to score")
-    model, tokenizer = load_reward_model(rm_dir, trust_remote_code=trust_remote_code)
-    scores = score_pairs(model, tokenizer, examples, [r["response"] for r in rows], max_length)
-    with open(output_path, "w") as f:
-        for r, s in zip(rows, scores):
-            f.write(json.dumps({**r, "score": s}) + "\n")
-    return len(rows)

@@ -119,10 +119,13 @@ def test_chain(arch, quantization, setup, tiny_tokenizer_dir, data, tmp_path):
         plain = plain_rm_scores(base, rm_dir, strip_pad(rows, a), quantization)
         assert ours == pytest.approx(plain, abs=1e-4), (setup, ours, plain)
     # rlhf score / eval: right padding gives the same scores
-    model, rm_tok = rm.load_reward_model(rm_dir, quantization=quantization)
+    from rlhf.scoring import score_pairs
+    from rlhf.stage_folder import load_reward_model
+
+    model, rm_tok = load_reward_model(rm_dir, quantization=quantization)
     examples = [{"messages": [{"role": "user", "content": f"Which is larger, {a} or {a + 7}?"}]} for a in (3, 40)]
-    batch = rm.score_pairs(model, rm_tok, examples, ["10", "47 or more, clearly"])
-    alone = [rm.score_pairs(model, rm_tok, [e], [r])[0] for e, r in zip(examples, ["10", "47 or more, clearly"])]
+    batch = score_pairs(model, rm_tok, examples, ["10", "47 or more, clearly"])
+    alone = [score_pairs(model, rm_tok, [e], [r])[0] for e, r in zip(examples, ["10", "47 or more, clearly"])]
     assert batch == pytest.approx(alone, abs=1e-4)
     del roles, model
 

@@ -6,8 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf.cli.use import score_file
 from rlhf.config import load_config
 from rlhf.manifest import StageError, check_parent
+from rlhf.scoring import score_pairs
+from rlhf.stage_folder import load_reward_model
 from rlhf.stages import rm, sft
 from helpers import write_jsonl
 
@@ -52,13 +55,13 @@ def test_plain_reload_scores_identically(parents):
     from transformers import AutoModelForSequenceClassification
 
     base, _, rm_dir, _ = parents
-    ours, tok = rm.load_reward_model(rm_dir)
+    ours, tok = load_reward_model(rm_dir)
     plain = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), rm_dir).eval()
     plain.config.pad_token_id = tok.pad_token_id
     examples = [{"messages": [{"role": "user", "content": f"Which is larger, {a} or {a + 7}?"}]} for a in (61, 70)]
     responses = ["68", "70"]
-    s1 = rm.score_pairs(ours, tok, examples, responses)
-    s2 = rm.score_pairs(plain, tok, examples, responses)
+    s1 = score_pairs(ours, tok, examples, responses)
+    s2 = score_pairs(plain, tok, examples, responses)
     assert torch.allclose(torch.tensor(s1), torch.tensor(s2), atol=1e-5)
     # the head is the trained one, not a fresh random head
     from rlhf.loader import load_score_head
@@ -71,7 +74,7 @@ def test_score_file(parents, tmp_path):
     _, _, rm_dir, _ = parents
     inp = write_jsonl(tmp_path / "in.jsonl", [{"instruction": "Which is larger, 3 or 9?", "response": "9"},
                                               {"instruction": "Which is larger, 3 or 9?", "response": "3"}])
-    n = rm.score_file(rm_dir, inp, str(tmp_path / "out.jsonl"))
+    n = score_file(rm_dir, inp, str(tmp_path / "out.jsonl"))
     rows = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert n == 2 and all(isinstance(r["score"], float) for r in rows) and rows[0]["response"] == "9"
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from rlhf.cli import cli
 from rlhf.config import load_config
-from rlhf.use import chat
+from rlhf.cli.use import chat
 from helpers import write_jsonl
 
 PAIRS = [(a, b) for a in range(10, 90, 7) for b in range(13, 90, 11) if a != b]
@@ -416,7 +416,7 @@ def test_eval_bad_inputs(chain):
 def test_chat_history_drops_oldest_exchanges_to_fit(tiny_model_dir):
     from rlhf.loader import load_tokenizer
     from rlhf.templates import apply_template, encode_prompt
-    from rlhf.use import fit_history
+    from rlhf.cli.use import fit_history
 
     tok = load_tokenizer(tiny_model_dir("llama"))
     apply_template(tok, "chatml")

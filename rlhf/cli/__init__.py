@@ -148,30 +148,13 @@ def datasets_show(name, registry_file):
     click.echo(describe(name, registry_file))
 
 
-@cli.command()
-@click.argument("rm_dir")
-@click.option("--input", "input_path", required=True, help="JSONL rows: prompt (instruction/input, prompt or messages) and `response`.")
-@click.option("--output", "output_path", required=True, help="Where to write the rows with a `score` key added.")
-@click.option("--max-length", default=1024, show_default=True, help="Truncate prompt+response to this many tokens.")
-@click.option("--trust-remote-code", is_flag=True, help="Run the base model's own Python code (auto_map), if you trust it.")
-def score(rm_dir, input_path, output_path, max_length, trust_remote_code):
-    """Score (prompt, response) pairs from a file with a trained reward-model folder."""
-    from rlhf.logging_utils import setup_logging
-
-    setup_logging()
-    from rlhf.stages.rm import score_file
-
-    n = score_file(rm_dir, input_path, output_path, max_length, trust_remote_code=trust_remote_code)
-    click.echo(f"scored {n} rows -> {output_path}")
-
-
 def _register():
-    from rlhf.estimate import estimate_cmd
-    from rlhf.export import export_cmd
+    from rlhf.cli.export import export_cmd
     from rlhf.cli.pipeline import inspect_cmd, pipeline_cmd
-    from rlhf.use import chat, eval_cmd, generate_cmd
+    from rlhf.cli.use import chat, eval_cmd, generate_cmd, score
+    from rlhf.estimate import estimate_cmd
 
-    for cmd in (pipeline_cmd, inspect_cmd, export_cmd, chat, generate_cmd, eval_cmd, estimate_cmd):
+    for cmd in (pipeline_cmd, inspect_cmd, export_cmd, chat, generate_cmd, eval_cmd, score, estimate_cmd):
         cli.add_command(cmd)
 
 

@@ -8,8 +8,6 @@ its policy (the critic under ``value/`` is a training aid and is left out).
 """
 from __future__ import annotations
 
-from rlhf.errors import RlhfError
-
 import json
 import os
 import shutil
@@ -17,7 +15,9 @@ from pathlib import Path
 
 import click
 
-from rlhf.use import trust_remote_code_option
+from rlhf.cli.use import setup_logging, trust_remote_code_option
+from rlhf.errors import RlhfError
+from rlhf.stage_folder import POLICIES, SCORERS, load_stage, open_stage
 
 DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
           "float32": "float32", "fp32": "float32"}
@@ -53,7 +53,6 @@ def export_stage(folder: str, out: str, *, dtype: str = "bfloat16", max_shard_si
                  overwrite: bool = False, trust_remote_code: bool = False, say=click.echo) -> dict:
     """Merge the folder's adapter into its base and save a plain transformers model to ``out``; returns a summary."""
     from rlhf.templates import stop_token_ids
-    from rlhf.use import POLICIES, SCORERS, load_stage, open_stage
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is not known; use bfloat16, float16 or float32")
@@ -103,8 +102,6 @@ def export_cmd(folder, out, dtype, max_shard_size, overwrite, trust_remote_code)
     SFT/PPO -> AutoModelForCausalLM, RM -> AutoModelForSequenceClassification (score head kept); sharded
     safetensors, tokenizer with the chat template. A 4/8-bit base is reloaded unquantized for the merge.
     """
-    from rlhf.use import setup_logging
-
     setup_logging()
     s = export_stage(folder, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
                      trust_remote_code=trust_remote_code)

@@ -15,6 +15,11 @@ class RlhfError(Exception):
     """An error the user can fix; the message says what was wrong, where, and what to do."""
 
 
+class StageError(RlhfError, RuntimeError):
+    """A stage folder that is missing, unfinished, of the wrong kind, or from another base model (rlhf/manifest.py);
+    a launch the stages cannot run (rlhf/dist.py)."""
+
+
 def did_you_mean(word: str, valid, *, n: int = 1, cutoff: float = 0.6, otherwise: str = "") -> str:
     """The hint every "unknown ..." error ends with: ``"; did you mean 'x'?"`` naming the (up to ``n``) entries of
     ``valid`` closest to ``word``, else ``otherwise`` (e.g. ``"; valid keys: a, b"``)."""

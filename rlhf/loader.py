@@ -425,9 +425,9 @@ def _device_map(quantized: bool):
         return None  # ZeRO-3 places and shards the weights itself while they load (zero.Init)
     if not torch.cuda.is_available():
         return "cpu"
-    from accelerate import PartialState
+    from rlhf.dist import process_state
 
-    return {"": PartialState().local_process_index}
+    return {"": process_state().local_process_index}
 
 
 QUANT_KEYS = ("quantization", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
@@ -469,7 +469,7 @@ def _quantization_config(cfg, dtype):
         compute = dtype if cfg.bnb_4bit_compute_dtype == "auto" else resolve_dtype(cfg.bnb_4bit_compute_dtype)
         # ZeRO-3 and FSDP shard every weight as flat tensors of one dtype: the packed 4-bit weights are stored in
         # the model's dtype then (bnb_4bit_quant_storage), as in transformers' QLoRA + ZeRO-3/FSDP recipe
-        from rlhf.manifest import fsdp_launch
+        from rlhf.dist import fsdp_launch
 
         storage = {"bnb_4bit_quant_storage": dtype} if _zero3() or fsdp_launch() else {}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=cfg.bnb_4bit_quant_type,

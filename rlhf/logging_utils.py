@@ -5,21 +5,7 @@ import logging
 import os
 import warnings
 
-
-def process_rank() -> int:
-    """This process's global rank under torchrun / accelerate launch / deepspeed (0 when run plainly)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
-
-
-def close_process_group() -> None:
-    """End of a launched run (torchrun / accelerate launch): destroy the process group while the interpreter is whole.
-    Left to interpreter exit, a gloo worker thread still releasing the last collective's tensors needs the GIL, is
-    killed inside a C++ destructor, and the process aborts (SIGABRT, "terminate called without an active exception";
-    tests/test_multiprocess.py). A no-op in a one-process run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+from rlhf.dist import process_rank
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:

@@ -19,16 +19,13 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.errors import RlhfError
+from rlhf.dist import launch_info, process_state
+from rlhf.errors import StageError
 from rlhf.stages import STAGES  # the stage table only (strings): no stage module is imported
 
 log = logging.getLogger("rlhf")
 
 MANIFEST = "manifest.json"
-
-
-class StageError(RlhfError, RuntimeError):
-    """A stage folder that is missing, unfinished, of the wrong kind, or from another base model."""
 
 
 def work_dir(output_dir: str | Path) -> Path:
@@ -88,31 +85,6 @@ def same_request(a: dict | None, b: dict | None) -> bool:
         return False
     strip = lambda d: {k: v for k, v in d.items() if k not in VOLATILE}  # noqa: E731
     return json.loads(json.dumps(strip(a), default=str)) == json.loads(json.dumps(strip(b), default=str))
-
-
-def fsdp_launch() -> bool:
-    """Was this process started by `accelerate launch` with an FSDP config?"""
-    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-
-
-def process_state():
-    """accelerate's process state (rank, world size); CPU-only machines use gloo (torchrun/accelerate launch)."""
-    import torch
-    from accelerate import PartialState
-
-    if fsdp_launch() and not torch.cuda.is_available():
-        raise StageError("FSDP needs GPUs: accelerate runs FSDP only on GPU-type devices and on CPUs silently falls back "
-                         "to plain data parallel; launch with configs/accelerate/cpu.yaml or a DeepSpeed config instead")
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def launch_info(accelerator=None) -> dict:
-    """How a run was spread: number of processes, accelerate's distributed type, DeepSpeed's ZeRO stage."""
-    state = accelerator.state if accelerator is not None else process_state()
-    info = {"num_processes": state.num_processes, "distributed_type": state.distributed_type.value}
-    if getattr(state, "deepspeed_plugin", None) is not None:
-        info["zero_stage"] = state.deepspeed_plugin.zero_stage
-    return info
 
 
 def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, requested: dict | None = None) -> Path:

@@ -50,7 +50,8 @@ def resume_point(work: Path, resume: bool, logs: tuple[str, ...] = (LOG_FILE,)) 
     """The checkpoint a run continues from: with ``resume``, the newest complete one (rlhf.manifest.checkpoint_problem);
     None: from the start. The main process removes the torn or damaged checkpoints after it, saying so, and the rows
     of ``logs`` that the interrupted run wrote after it."""
-    from rlhf.manifest import checkpoint_problem, checkpoints, process_state
+    from rlhf.dist import process_state
+    from rlhf.manifest import checkpoint_problem, checkpoints
 
     if not resume:
         return None

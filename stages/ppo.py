@@ -693,10 +693,11 @@ def run(cfg: PPOConfig) -> str:
     from transformers import get_scheduler, set_seed
 
     from rlhf.config import to_dict
+    from rlhf.dist import launch_info
     from rlhf.evaluate import metric_fn
     from rlhf.generation import decode
     from rlhf.loader import inherit_quantization, load_tokenizer
-    from rlhf.manifest import check_parent, finish_output, launch_info, prepare_output
+    from rlhf.manifest import check_parent, finish_output, prepare_output
     from rlhf.templates import apply_template, stop_token_ids
     from rlhf.train_utils import LOG_FILE, all_finite, dataset_metric, diverged, load_train_eval, read_log, resume_point
 

@@ -159,7 +159,8 @@ def run(cfg: PTConfig) -> str:
     from rlhf.config import to_dict
     from rlhf.data import fingerprint, held_out_split
     from rlhf.config import ConfigError
-    from rlhf.manifest import finish_output, prepare_output, process_state
+    from rlhf.dist import process_state
+    from rlhf.manifest import finish_output, prepare_output
     from rlhf.templates import TEMPLATES
     from rlhf.tiny import tiny_config, train_tokenizer
     from rlhf.train_utils import LOG_FILE, DivergedError, plot_curves

@@ -85,8 +85,9 @@ def run(cfg: RMConfig) -> str:
     from trl import RewardConfig, RewardTrainer
 
     from rlhf.config import to_dict
+    from rlhf.dist import launch_info, process_state
     from rlhf.loader import load_model, load_tokenizer, trainable_dtypes_kept
-    from rlhf.manifest import finish_output, launch_info, prepare_output, process_state
+    from rlhf.manifest import finish_output, prepare_output
     from rlhf.templates import apply_template
     from rlhf.train_utils import (load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point, train_from,
                                   trainer_kwargs)

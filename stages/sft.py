@@ -54,9 +54,10 @@ def run(cfg: SFTConfig) -> str:
 
     from rlhf import evaluate
     from rlhf.config import to_dict
+    from rlhf.dist import launch_info, process_state
     from rlhf.loader import (AdapterSpec, check_lora_targets, inherit_quantization, load_model, load_tokenizer,
                              trainable_dtypes_kept)
-    from rlhf.manifest import finish_output, launch_info, prepare_output, process_state
+    from rlhf.manifest import finish_output, prepare_output
     from rlhf.templates import apply_template
     from rlhf.train_utils import (dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point,
                                   train_from, trainer_kwargs)

@@ -189,7 +189,8 @@ def test_pipeline_launches_stages_on_two_processes(tiny_model_dir, tmp_path):
 
 def test_fsdp_on_cpu_is_refused(monkeypatch):
     """accelerate runs FSDP only on GPUs; on CPUs it would quietly train plain data parallel instead."""
-    from rlhf.manifest import StageError, process_state
+    from rlhf.dist import process_state
+    from rlhf.manifest import StageError
 
     if torch.cuda.is_available():
         pytest.skip("the refusal is for machines without a GPU")

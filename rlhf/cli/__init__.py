@@ -64,8 +64,9 @@ class StageCommand(click.Command):
 def _run_stage(spec, cfg):
     """Run a stage, its dataset names checked first (no model loads for a misspelt name)."""
     from rlhf.data import check_names
+    from rlhf.dist import close_process_group, process_rank
     from rlhf.errors import disk_errors
-    from rlhf.logging_utils import close_process_group, process_rank, setup_logging
+    from rlhf.logging_utils import setup_logging
 
     check_names(cfg)
     setup_logging()
@@ -90,8 +91,8 @@ class LazyGroup(click.Group):
     def invoke(self, ctx):
         """The one place user errors are caught, for every command: one line, no traceback (RLHF_DEBUG=1 shows it).
         Under several processes each meets the same error; the main one says it."""
+        from rlhf.dist import process_rank
         from rlhf.errors import RlhfError, disk_error
-        from rlhf.logging_utils import process_rank
 
         try:
             return super().invoke(ctx)

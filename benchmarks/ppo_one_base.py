@@ -29,6 +29,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from rlhf import rl  # noqa: E402
+from rlhf.roles import OneBase  # noqa: E402
 from rlhf.stages import ppo  # noqa: E402  (torch and the config only; the rest is imported on use)
 
 
@@ -97,7 +99,7 @@ def child(args) -> None:
     optimizer = torch.optim.AdamW(roles.params, lr=cfg.learning_rate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    kl_ctl, norm = ppo.KLController(cfg.kl_coef), ppo.ScoreNormalizer()
+    kl_ctl, norm = rl.KLController(cfg.kl_coef), rl.ScoreNormalizer()
     times, cpu_times, tokens = [], [], 0
     for step in range(args.steps + 1):
         torch.manual_seed(step)  # the same samples in both variants
@@ -115,8 +117,8 @@ def child(args) -> None:
                       "param_tensors": n_params}))
 
 
-class FourModels(ppo.OneBase):
-    """The four roles as four copies of the base with one adapter each; the interface of ppo.OneBase."""
+class FourModels(OneBase):
+    """The four roles as four copies of the base with one adapter each; the interface of rlhf.roles.OneBase."""
 
     def __init__(self, cfg, pad_token_id: int):
         import copy
@@ -133,7 +135,8 @@ class FourModels(ppo.OneBase):
         device = next(self.models["policy"].parameters()).device
         reward_head = load_score_head(cfg.rm_dir).float().to(device).requires_grad_(False)
         value_head = copy.deepcopy(reward_head).requires_grad_(True)
-        super().__init__(self.models["policy"], reward_head, value_head, False, cfg.temperature, pad_token_id)
+        super().__init__(self.models["policy"], reward_head, value_head, trainable=["policy", "value"],
+                         temperature=cfg.temperature, pad_token_id=pad_token_id)
         self.params = [p for r in ("policy", "value") for p in self.models[r].parameters() if p.requires_grad]
         self.params += list(value_head.parameters())
 

@@ -4,7 +4,7 @@ Trains the demo chain (pt -> sft -> rm, the demo recipes) with a template whose 
 pad = eos = the stop token (``--template alpaca``, the default here), then scores the held-out preference pairs
 three ways:
   as trained         the RM folder's forward (AutoModelForSequenceClassification: rightmost non-pad token);
-  as PPO reads it    PPO's one-base reward (stages/ppo.OneBase.scores, rlhf.scoring.score_positions);
+  as PPO reads it    PPO's one-base reward (rlhf/roles.py OneBase.scores, rlhf.scoring.score_positions);
   at the stop token  the position PPO read before the score token was defined once (the response's last token).
 
     .venv/bin/python benchmarks/score_token.py [--template alpaca] [--workdir runs/score_token]

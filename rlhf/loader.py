@@ -349,9 +349,10 @@ def _folder_lora_config(folder: str, task_type: str, modules_to_save, model):
     return pcfg, dropped
 
 
-def _load_adapter_weights(model, name: str, folder: str, dropped: list[str]) -> None:
-    """Put the folder's weights into adapter ``name``; modules it does not hold (a score head added
-    with ``modules_to_save``) keep their fresh values. Refuses weights that do not fit the base."""
+def load_adapter_weights(model, name: str, folder, dropped=()) -> None:
+    """Put the folder's weights into adapter ``name`` (a stage folder, or a checkpoint's adapter: rlhf/roles.py);
+    modules it does not hold (a score head added with ``modules_to_save``) keep their fresh values, and weights of
+    the ``dropped`` modules are ignored. Refuses weights that do not fit the base (missing, unknown, other shape)."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     _, weights = _adapter_files(folder)
@@ -395,7 +396,7 @@ def _attach_adapters(model, cfg, adapters, head: str, for_training: bool):
         else:
             peft_model.add_adapter(spec.name, pcfg)
         if spec.folder is not None:
-            _load_adapter_weights(peft_model, spec.name, spec.folder, dropped)
+            load_adapter_weights(peft_model, spec.name, spec.folder, dropped)
         saved = peft_model.peft_config[spec.name].modules_to_save
         if saved:  # peft appends its classifier names even when present: keep each once
             peft_model.peft_config[spec.name].modules_to_save = list(dict.fromkeys(saved))

@@ -20,7 +20,6 @@ critic in the RM folder's format: adapter + head), tokenizer, manifest, ``train_
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -35,6 +34,9 @@ from pathlib import Path
 import torch
 
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
+from rlhf.roles import OneBase, load_value, save_adapter, save_value
+from rlhf.rl import (KLController, ScoreNormalizer, all_sum, gae, kl_penalty, masked_mean, masked_whiten, policy_loss,
+                     shape_scores, token_rewards, value_loss)
 
 log = logging.getLogger("rlhf")
 
@@ -100,230 +102,6 @@ class PPOConfig(ModelConfig, DataConfig, TrainConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The algorithm on tensors. Shapes: (B, R) over response tokens; `mask` is 1 on real tokens (up to and including the
-# first stop token), 0 after.
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the processes (``t`` itself in a one-process run)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.clone()
-        dist.all_reduce(t)
-    return t
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the masked entries of every process (unbiased variance, as trl); entries outside the
-    mask become 0."""
-    total, n = all_sum(torch.stack([(x * mask).sum(), mask.sum()]))
-    mean = total / n.clamp(min=1)
-    var = all_sum(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
-
-
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
-    """Per-token KL(policy || ref) estimate on the sampled tokens: k1 = log-ratio; k3 = (r - 1) - log r with
-    r = p_ref / p_policy (Schulman, "Approximating KL divergence", 2020)."""
-    log_ratio = logp - ref_logp
-    if estimator == "k1":
-        return log_ratio
-    return torch.expm1(-log_ratio) + log_ratio
-
-
-def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token reward: -kl_coef * KL on every response token, plus the score on the last real one (InstructGPT eq. 2)."""
-    rewards = -kl_coef * kl * mask
-    last = mask.sum(1).long() - 1
-    rewards[torch.arange(len(scores)), last] += scores
-    return rewards
-
-
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
-    """Generalised advantage estimation (Schulman et al. 2016): (advantages, returns). The value after the last real
-    token is 0 (the episode ends there)."""
-    rewards, values = rewards * mask, values * mask
-    steps = rewards.shape[1]
-    last, advantages = torch.zeros_like(rewards[:, 0]), []
-    for t in reversed(range(steps)):
-        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = delta + gamma * lam * last
-        advantages.append(last)
-    advantages = torch.stack(advantages[::-1], dim=1) * mask
-    return advantages, (advantages + values) * mask
-
-
-def policy_loss(logp, old_logp, advantages, mask, cliprange: float):
-    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), token mean over the response (trl's PPO v2).
-
-    Returns (loss, stats): clip fraction and approx KL (0.5 * mean log-ratio^2) [N-impl]."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
-    with torch.no_grad():
-        stats = {"policy_clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-                 "approx_kl": (0.5 * masked_mean(log_ratio**2, mask)).item()}
-    return loss, stats
-
-
-def value_loss(values, old_values, returns, mask, cliprange_value: float):
-    """Clipped value loss [N-impl, "value function loss clipping"]: 0.5 * max((v - R)^2, (v_clip - R)^2), with the
-    new value kept within cliprange_value of the rollout's value."""
-    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    unclipped_loss = (values - returns) ** 2
-    clipped_loss = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
-    with torch.no_grad():
-        stats = {"value_clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask).item()}
-    return loss, stats
-
-
-class KLController:
-    """Fixed kl_coef, or adaptive (Ziegler et al. 2019, sec. 2.2): coef *= 1 + clip(KL/target - 1, +-0.2) * n/horizon,
-    with n the samples of the step."""
-
-    def __init__(self, value: float, target: float | None = None, horizon: int | None = None):
-        self.value, self.target, self.horizon = value, target, horizon
-
-    def update(self, kl: float, n_samples: int) -> None:
-        if self.target is None:
-            return
-        error = max(-0.2, min(0.2, kl / self.target - 1.0))
-        self.value *= 1.0 + error * n_samples / self.horizon
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
-
-
-class ScoreNormalizer:
-    """Running mean/std of every score seen by any process (parallel Welford), then scale or normalize, then clip
-    (trl v1's use_score_scaling / use_score_norm / score_clip)."""
-
-    def __init__(self, mode: str = "none", clip: float | None = None):
-        self.mode, self.clip = mode, clip
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.mode != "none":
-            n, total = all_sum(torch.tensor([len(scores), scores.sum().item()], dtype=torch.float64, device=scores.device)).tolist()
-            mean = total / n
-            m2 = all_sum(((scores.double() - mean) ** 2).sum()).item()
-            delta, total = mean - self.mean, self.count + n
-            self.mean += delta * n / total
-            self.m2 += m2 + delta**2 * self.count * n / total
-            self.count = total
-            std = math.sqrt(self.m2 / max(self.count - 1, 1)) + 1e-8
-            scores = scores / std if self.mode == "scale" else (scores - self.mean) / std
-        if self.clip is not None:
-            scores = scores.clamp(-self.clip, self.clip)
-        return scores
-
-    def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The roles on one base
-
-
-def backbone(model):
-    """The transformer under the LM head of a (PEFT-wrapped) causal LM, e.g. LlamaForCausalLM.model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return getattr(base, base.base_model_prefix)
-
-
-class OneBase:
-    """The PPO roles as named adapters of one PeftModel; reward and value read a scalar head off the backbone's last
-    hidden state. `use(name)` switches the adapter and keeps the requires_grad flags the loader set (peft's
-    set_adapter alone would freeze every other adapter, the trainable ones included)."""
-
-    def __init__(self, model, reward_head, value_head, shared_value: bool, temperature: float, pad_token_id: int,
-                 autocast=contextlib.nullcontext):
-        import inspect
-
-        self.model, self.reward_head, self.value_head, self.pad_token_id = model, reward_head, value_head, pad_token_id
-        self.shared_value, self.temperature = shared_value, temperature
-        self.autocast = autocast  # accelerate's mixed-precision context: the same in rollout and update
-        self.trainable = ["policy"] if shared_value else ["policy", "value"]
-        self.params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
-        named = {id(p) for n, p in model.named_parameters() if any(f".{r}." in n for r in self.trainable)}
-        if {id(p) for p in self.params[: len(self.params) - len(list(value_head.parameters()))]} != named:
-            raise RuntimeError(f"the loader left other parameters than the {self.trainable} adapters trainable")
-        params = inspect.signature(model.get_base_model().forward).parameters
-        self.pass_positions = "position_ids" in params
-        self.keep_logits = "logits_to_keep" in params
-
-    def use(self, name: str) -> None:
-        from rlhf.loader import set_active_adapter
-
-        set_active_adapter(self.model, name)
-
-    def _inputs(self, ids, attn):
-        kw = {"input_ids": ids, "attention_mask": attn}
-        if self.pass_positions:  # left padding: positions count real tokens only, as generate() does
-            kw["position_ids"] = (attn.cumsum(1) - 1).clamp(min=0)
-        return kw
-
-    def policy_forward(self, ids, attn, width: int, adapter: str = "policy", entropy: bool = False, detach_hidden: bool = False):
-        """Log-probs (temperature-scaled) of the last `width` tokens, their entropy, and the shared value if any."""
-        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-
-        self.use(adapter)
-        kw = self._inputs(ids, attn)
-        if self.keep_logits:
-            kw["logits_to_keep"] = width + 1
-        with self.autocast():
-            out = self.model(**kw, output_hidden_states=self.shared_value and adapter == "policy", use_cache=False)
-        logits = out.logits[:, -width - 1 : -1].float() / self.temperature  # [N-impl]: same temperature as sampling
-        logp = selective_log_softmax(logits, ids[:, -width:])
-        ent = entropy_from_logits(logits.detach()) if entropy else None
-        values = None
-        if out.hidden_states is not None:
-            hidden = out.hidden_states[-1][:, -width - 1 : -1]
-            hidden = hidden.detach() if detach_hidden else hidden  # critic warm-up: the value head alone learns
-            values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1)
-        return logp, ent, values
-
-    def head_forward(self, ids, attn, adapter: str, head) -> torch.Tensor:
-        """head(backbone hidden state) at every position, with `adapter` active: (B, T)."""
-        self.use(adapter)
-        with self.autocast():
-            hidden = backbone(self.model)(**self._inputs(ids, attn), use_cache=False).last_hidden_state
-        return head(hidden.to(head.weight.dtype)).squeeze(-1)
-
-    def values(self, ids, attn, width: int) -> torch.Tensor:
-        """The critic's value of each state before a response token: (B, width)."""
-        if self.shared_value:
-            return self.policy_forward(ids, attn, width)[2]
-        return self.head_forward(ids, attn, "value", self.value_head)[:, -width - 1 : -1]
-
-    def scores(self, ids, attn) -> torch.Tensor:
-        """Reward-model score of each row at its score token (rlhf.scoring: as the RM was trained and as the RM
-        folder scores the same ids loaded with plain transformers + peft)."""
-        from rlhf.scoring import score_positions
-
-        s = self.head_forward(ids, attn, "reward", self.reward_head)
-        return s[torch.arange(len(ids)), score_positions(ids, self.pad_token_id)]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Rollout
 
 
@@ -349,14 +127,6 @@ def chunked(fn, n: int, size: int, *tensors):
 def score_responses(roles: OneBase, ids, attn, cfg: PPOConfig) -> torch.Tensor:
     """Reward-model scores of prompt + response rows (tokens after the stop token are pad)."""
     return chunked(roles.scores, len(ids), cfg.per_device_eval_batch_size, ids, attn).float()
-
-
-def shape_scores(raw: torch.Tensor, ended: torch.Tensor, norm: ScoreNormalizer, missing_eos_penalty: float | None):
-    """The score PPO optimises: normalised/clipped RM score, minus the penalty for a response with no stop token."""
-    scores = norm(raw)
-    if missing_eos_penalty is not None:
-        scores = scores - missing_eos_penalty * (~ended).float()
-    return scores
 
 
 @torch.no_grad()
@@ -453,62 +223,6 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
 # Checkpoints and the saved roles
 
 
-def save_adapter(model, name: str, folder: Path, extra: dict | None = None, **config_changes) -> None:
-    """Adapter `name` as a plain PEFT folder (adapter_config.json + adapter_model.safetensors); `extra` tensors
-    (e.g. a head as modules_to_save weights) go into the same file, `config_changes` into its config."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()}
-    state.update({k: v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
-    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = copy.deepcopy(model.peft_config[name])
-    config.inference_mode = True
-    for k, v in config_changes.items():
-        setattr(config, k, v)
-    config.save_pretrained(str(folder))
-
-
-def load_adapter_weights(model, name: str, folder: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    state = {k: v for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if "lora_" in k}
-    result = set_peft_model_state_dict(model, state, adapter_name=name)
-    missing = [k for k in result.unexpected_keys if "lora_" in k]
-    if missing:
-        raise RuntimeError(f"{folder}: {len(missing)} adapter weights do not fit the model (e.g. {missing[0]})")
-
-
-def head_state(head: torch.nn.Linear) -> dict:
-    """The value head under the key the RM folder's score head has (LoRA modules_to_save=["score"])."""
-    return {f"base_model.model.score.{k}": v for k, v in head.state_dict().items()}
-
-
-def save_value(roles: OneBase, folder: Path) -> None:
-    if roles.shared_value:
-        from safetensors.torch import save_file
-
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
-    else:
-        # the RM folder's format: AutoModelForSequenceClassification + PeftModel.from_pretrained(.., folder) is the critic
-        save_adapter(roles.model, "value", folder, extra=head_state(roles.value_head), task_type="SEQ_CLS", modules_to_save=["score"])
-
-
-def load_value(roles: OneBase, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    if roles.shared_value:
-        state = load_file(str(folder / "value_head.safetensors"))
-    else:
-        load_adapter_weights(roles.model, "value", folder)
-        prefix = "base_model.model.score."
-        state = {k[len(prefix) :]: v for k, v in load_file(str(folder / "adapter_model.safetensors")).items() if k.startswith(prefix)}
-    roles.value_head.load_state_dict(state)
-
-
 def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, limit: int | None,
                     accelerator) -> None:
     """checkpoint-N: policy and value, optimizer, scheduler, KL controller, score statistics, step (main process),
@@ -559,6 +273,8 @@ def load_plain(path: Path):
 
 def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, rank: int = 0) -> int:
     import numpy as np
+
+    from rlhf.loader import load_adapter_weights
 
     load_adapter_weights(roles.model, "policy", ckpt / "policy")
     load_value(roles, ckpt / "value")
@@ -629,29 +345,24 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
     raise ConfigError(f"ppo: key 'optim' must be one of adamw_torch, sgd, adafactor, {', '.join(bnb_names)}; got {name!r}")
 
 
-def build_roles(cfg: PPOConfig, pad_token_id: int):
-    """Load the one base with its adapters and heads (rlhf.loader); pad_token_id: the RM's (its score token)."""
-    from trl.trainer.utils import disable_dropout_in_model
-
-    from rlhf.loader import AdapterSpec, load_model, load_score_head
+def build_roles(cfg: PPOConfig, pad_token_id: int) -> OneBase:
+    """The one base with PPO's roles (rlhf.roles); pad_token_id: the RM's (its score token)."""
+    from rlhf.loader import AdapterSpec
+    from rlhf.roles import load_head, load_roles, zero_value_head
 
     adapters = [AdapterSpec("policy", cfg.sft_dir, trainable=True), AdapterSpec("ref", cfg.sft_dir),
                 AdapterSpec("reward", cfg.rm_dir)]
     if cfg.value_model == "adapter":
         adapters.append(AdapterSpec("value", cfg.rm_dir, trainable=True))
-    model = load_model(cfg, head="lm", adapters=adapters, for_training=True)
-    disable_dropout_in_model(model)  # [N-impl]: dropout would make the rollout and update log-probs disagree
-    reward_head = load_score_head(cfg.rm_dir)
-    device = next(p for p in model.parameters()).device
-    reward_head = reward_head.float().to(device).requires_grad_(False)
+    model = load_roles(cfg, adapters)
+    reward_head = load_head(cfg.rm_dir, model)
     if cfg.value_model == "adapter":
         value_head = copy.deepcopy(reward_head).requires_grad_(True)  # InstructGPT: critic initialised from the RM
     else:
-        value_head = torch.nn.Linear(reward_head.in_features, 1, bias=reward_head.bias is not None).to(device)
-        torch.nn.init.zeros_(value_head.weight)
-        if value_head.bias is not None:
-            torch.nn.init.zeros_(value_head.bias)
-    return OneBase(model, reward_head, value_head, cfg.value_model == "shared", cfg.temperature, pad_token_id)
+        value_head = zero_value_head(reward_head)
+    shared = cfg.value_model == "shared"
+    return OneBase(model, reward_head, value_head, trainable=["policy"] if shared else ["policy", "value"],
+                   shared_value=shared, temperature=cfg.temperature, pad_token_id=pad_token_id)
 
 
 @torch.no_grad()

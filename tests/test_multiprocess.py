@@ -201,7 +201,7 @@ def test_fsdp_on_cpu_is_refused(monkeypatch):
 
 STATS_SCRIPT = textwrap.dedent('''
     import torch, torch.distributed as dist
-    from rlhf.stages import ppo
+    from rlhf import rl
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same full batch on both ranks; each takes its half
@@ -210,8 +210,8 @@ STATS_SCRIPT = textwrap.dedent('''
     mean = (x_all * m_all).sum() / m_all.sum()
     var = ((x_all - mean) ** 2 * m_all).sum() / (m_all.sum() - 1)
     expected = (x_all - mean) * torch.rsqrt(var + 1e-8) * m_all
-    torch.testing.assert_close(ppo.masked_whiten(x_all[mine], m_all[mine]), expected[mine])
-    norm = ppo.ScoreNormalizer("normalize")
+    torch.testing.assert_close(rl.masked_whiten(x_all[mine], m_all[mine]), expected[mine])
+    norm = rl.ScoreNormalizer("normalize")
     out = norm(s_all[4 * rank : 4 * rank + 4])
     torch.testing.assert_close(out, ((s_all - s_all.mean()) / (s_all.std() + 1e-8))[4 * rank : 4 * rank + 4])
     assert norm.count == 8

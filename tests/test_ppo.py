@@ -1,4 +1,4 @@
-"""PPO stage: the algorithm against hand-computed values, the one-base roles, the 4-bit gradient trap, an
+"""PPO stage: the algorithm (rlhf/rl.py) against hand-computed values, the one-base roles, the 4-bit gradient trap, an
 end-to-end run with resume, and bad inputs. Tiny llama (hidden 64, 2 layers); SFT/RM parents are built
 here with peft (random LoRA weights) and stage manifests, as `rlhf sft` / `rlhf rm` write them."""
 import json
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rlhf import rl
 from rlhf.config import ConfigError, load_config
 from rlhf.generation import left_pad, response_mask
 from rlhf.manifest import StageError
@@ -23,7 +24,7 @@ def test_gae_by_hand():
     rewards = torch.tensor([[0.5, 1.0, 9.0]])  # the 9 lies after the end: ignored
     values = torch.tensor([[0.2, 0.4, 7.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    adv, ret = ppo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    adv, ret = rl.gae(rewards, values, mask, gamma=0.9, lam=0.8)
     # t=1: delta = 1.0 + 0.9*0 - 0.4 = 0.6 ; t=0: delta = 0.5 + 0.9*0.4 - 0.2 = 0.66, adv = 0.66 + 0.72*0.6 = 1.092
     assert torch.allclose(adv, torch.tensor([[1.092, 0.6, 0.0]]))
     assert torch.allclose(ret, torch.tensor([[1.292, 1.0, 0.0]]))
@@ -33,27 +34,27 @@ def test_whiten_by_hand():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
     # mean 2, unbiased variance (1 + 0 + 1) / 2 = 1
-    assert torch.allclose(ppo.masked_whiten(x, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6)
-    assert torch.allclose(ppo.masked_whiten(x, mask, shift_mean=False), torch.tensor([[1.0, 2.0, 3.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(rl.masked_whiten(x, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6)
+    assert torch.allclose(rl.masked_whiten(x, mask, shift_mean=False), torch.tensor([[1.0, 2.0, 3.0, 0.0]]), atol=1e-6)
 
 
 def test_policy_loss_by_hand():
     logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1 against old logp 0
     adv = torch.tensor([[1.0, 1.0, -1.0]])
     mask = torch.ones(1, 3)
-    loss, stats = ppo.policy_loss(logp, torch.zeros(1, 3), adv, mask, cliprange=0.2)
+    loss, stats = rl.policy_loss(logp, torch.zeros(1, 3), adv, mask, cliprange=0.2)
     # per token max(-A*r, -A*clip(r)): max(-1.5, -1.2) = -1.2 ; max(-0.5, -0.8) = -0.5 ; max(1.1, 1.1) = 1.1
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1) / 3)
     assert stats["policy_clipfrac"] == pytest.approx(1 / 3)
     assert stats["approx_kl"] == pytest.approx(0.5 * sum(math.log(r) ** 2 for r in (1.5, 0.5, 1.1)) / 3, rel=1e-5)
     # masked tokens do not count
-    loss2, _ = ppo.policy_loss(logp, torch.zeros(1, 3), adv, torch.tensor([[1.0, 1.0, 0.0]]), cliprange=0.2)
+    loss2, _ = rl.policy_loss(logp, torch.zeros(1, 3), adv, torch.tensor([[1.0, 1.0, 0.0]]), cliprange=0.2)
     assert loss2.item() == pytest.approx((-1.2 - 0.5) / 2)
 
 
 def test_value_loss_by_hand():
     values, old, returns = torch.tensor([[0.5, -0.1]]), torch.zeros(1, 2), torch.ones(1, 2)
-    loss, stats = ppo.value_loss(values, old, returns, torch.ones(1, 2), cliprange_value=0.2)
+    loss, stats = rl.value_loss(values, old, returns, torch.ones(1, 2), cliprange_value=0.2)
     # clipped values 0.2, -0.1: max((0.5-1)^2, (0.2-1)^2) = 0.64 ; max(1.21, 1.21) = 1.21 ; 0.5 * mean
     assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21) / 2)
     assert stats["value_clipfrac"] == pytest.approx(0.5)
@@ -61,44 +62,44 @@ def test_value_loss_by_hand():
 
 def test_kl_penalty_and_token_rewards_by_hand():
     logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -1.0]])
-    assert torch.allclose(ppo.kl_penalty(logp, ref, "k1"), torch.tensor([[0.5, -1.0]]))
+    assert torch.allclose(rl.kl_penalty(logp, ref, "k1"), torch.tensor([[0.5, -1.0]]))
     k3 = [math.exp(-0.5) - 1 + 0.5, math.exp(1.0) - 1 - 1.0]
-    assert torch.allclose(ppo.kl_penalty(logp, ref, "k3"), torch.tensor([k3]))
+    assert torch.allclose(rl.kl_penalty(logp, ref, "k3"), torch.tensor([k3]))
     kl = torch.tensor([[0.5, -1.0, 0.3], [0.2, 0.2, 0.2]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    r = ppo.token_rewards(kl, torch.tensor([2.0, -1.0]), mask, kl_coef=0.1)
+    r = rl.token_rewards(kl, torch.tensor([2.0, -1.0]), mask, kl_coef=0.1)
     assert torch.allclose(r, torch.tensor([[-0.05, 0.1 + 2.0, 0.0], [-0.02, -0.02, -0.02 - 1.0]]))
 
 
 def test_kl_controller_by_hand():
-    fixed = ppo.KLController(0.1)
+    fixed = rl.KLController(0.1)
     fixed.update(100.0, 10)
     assert fixed.value == 0.1
-    ctl = ppo.KLController(0.1, target=6.0, horizon=100)
+    ctl = rl.KLController(0.1, target=6.0, horizon=100)
     ctl.update(9.0, 10)  # error 0.5 clipped to 0.2: 0.1 * (1 + 0.2 * 10/100)
     assert ctl.value == pytest.approx(0.102)
     ctl.update(5.4, 10)  # error -0.1: * (1 - 0.1 * 0.1)
     assert ctl.value == pytest.approx(0.102 * 0.99)
-    other = ppo.KLController(1.0, 6.0, 100)
+    other = rl.KLController(1.0, 6.0, 100)
     other.load_state_dict(ctl.state_dict())
     assert other.value == ctl.value
 
 
 def test_score_normalizer_by_hand():
-    norm = ppo.ScoreNormalizer("normalize")
+    norm = rl.ScoreNormalizer("normalize")
     assert torch.allclose(norm(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([-1.0, 0.0, 1.0]), atol=1e-6)
     # running over 1,2,3,4: mean 2.5, unbiased std sqrt(5/3)
     assert norm(torch.tensor([4.0])).item() == pytest.approx(1.5 / math.sqrt(5 / 3), rel=1e-5)
-    scale = ppo.ScoreNormalizer("scale", clip=1.0)
+    scale = rl.ScoreNormalizer("scale", clip=1.0)
     assert torch.allclose(scale(torch.tensor([1.0, 3.0])), torch.tensor([1.0 / math.sqrt(2), 1.0]), atol=1e-6)
-    assert torch.equal(ppo.ScoreNormalizer("none", clip=0.5)(torch.tensor([2.0, -0.1])), torch.tensor([0.5, -0.1]))
+    assert torch.equal(rl.ScoreNormalizer("none", clip=0.5)(torch.tensor([2.0, -0.1])), torch.tensor([0.5, -0.1]))
 
 
 def test_missing_eos_penalty_after_normalisation():
     raw, ended = torch.tensor([1.0, 3.0]), torch.tensor([True, False])
-    assert torch.equal(ppo.shape_scores(raw, ended, ppo.ScoreNormalizer(), 2.5), torch.tensor([1.0, 0.5]))
-    assert torch.equal(ppo.shape_scores(raw, ended, ppo.ScoreNormalizer(), None), raw)
-    shaped = ppo.shape_scores(raw, ended, ppo.ScoreNormalizer("normalize"), 1.0)  # (x - 2) / sqrt(2), then -1
+    assert torch.equal(rl.shape_scores(raw, ended, rl.ScoreNormalizer(), 2.5), torch.tensor([1.0, 0.5]))
+    assert torch.equal(rl.shape_scores(raw, ended, rl.ScoreNormalizer(), None), raw)
+    shaped = rl.shape_scores(raw, ended, rl.ScoreNormalizer("normalize"), 1.0)  # (x - 2) / sqrt(2), then -1
     assert torch.allclose(shaped, torch.tensor([-1 / math.sqrt(2), 1 / math.sqrt(2) - 1.0]), atol=1e-6)
 
 
@@ -206,8 +207,6 @@ def lora_state(model, role):
 
 @pytest.mark.parametrize("value_model", ["adapter", "shared"])
 def test_one_step_trains_only_policy_and_value_on_one_base(parents, value_model):
-    from rlhf.stages.ppo import KLController, ScoreNormalizer
-
     cfg, roles = build(parents, value_model=value_model)
     model = roles.model
     # the base weights exist once: every base q_proj/v_proj/o_proj/... is one tensor, however many adapters
@@ -236,7 +235,7 @@ def test_one_step_trains_only_policy_and_value_on_one_base(parents, value_model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     from accelerate import Accelerator
 
-    batch, stats, _ = ppo.rollout(roles, prompts_of(tok), tok, stops, cfg, KLController(0.05), ScoreNormalizer(), step=1)
+    batch, stats, _ = ppo.rollout(roles, prompts_of(tok), tok, stops, cfg, rl.KLController(0.05), rl.ScoreNormalizer(), step=1)
     assert stats["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == ref at the start
     for r in ppo.ROLES:  # switching roles keeps requires_grad as the loader set it
         if r in model.peft_config:
@@ -287,7 +286,7 @@ def test_critic_warmup_trains_the_critic_only(parents, value_model):
     tok, stops = tokenizer_of(parents)
     opt = torch.optim.SGD(roles.params, lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    batch, _, _ = ppo.rollout(roles, prompts_of(tok), tok, stops, cfg, ppo.KLController(0.05), ppo.ScoreNormalizer(), step=1)
+    batch, _, _ = ppo.rollout(roles, prompts_of(tok), tok, stops, cfg, rl.KLController(0.05), rl.ScoreNormalizer(), step=1)
     policy, head = lora_state(roles.model, "policy"), roles.value_head.weight.detach().clone()
     ppo.ppo_update(roles, batch, cfg, opt, sched, Accelerator(cpu=True), roles.params, train_policy=False)
     assert all(torch.equal(policy[n], p) for n, p in lora_state(roles.model, "policy").items())

@@ -1,0 +1,157 @@
+"""The RL maths on tensors, pure torch (no rlhf imports): masked ops, KL estimators, per-token rewards, GAE,
+whitening, the clipped PPO losses, KL control and score normalisation. The PPO recipe is stages/ppo.py.
+
+Sources: InstructGPT (Ouyang et al. 2022), PPO (Schulman et al. 2017), GAE (Schulman et al. 2016), trl's PPO v2,
+and "The N Implementation Details of RLHF with PPO" (Huang et al. 2022/2024; cited below as [N-impl]).
+
+Shapes: (B, R) over response tokens; ``mask`` is 1 on real tokens (up to and including the first stop token), 0
+after. Statistics over a batch (whitening, score normalisation) are taken over every process (``all_sum``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the processes (``t`` itself in a one-process run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the masked entries of every process (unbiased variance, as trl); entries outside the
+    mask become 0."""
+    total, n = all_sum(torch.stack([(x * mask).sum(), mask.sum()]))
+    mean = total / n.clamp(min=1)
+    var = all_sum(((x - mean) ** 2 * mask).sum()) / (n - 1).clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(policy || ref) estimate on the sampled tokens: k1 = log-ratio; k3 = (r - 1) - log r with
+    r = p_ref / p_policy (Schulman, "Approximating KL divergence", 2020)."""
+    log_ratio = logp - ref_logp
+    if estimator == "k1":
+        return log_ratio
+    return torch.expm1(-log_ratio) + log_ratio
+
+
+def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Per-token reward: -kl_coef * KL on every response token, plus the score on the last real one (InstructGPT eq. 2)."""
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """Generalised advantage estimation (Schulman et al. 2016): (advantages, returns). The value after the last real
+    token is 0 (the episode ends there)."""
+    rewards, values = rewards * mask, values * mask
+    steps = rewards.shape[1]
+    last, advantages = torch.zeros_like(rewards[:, 0]), []
+    for t in reversed(range(steps)):
+        next_value = values[:, t + 1] if t + 1 < steps else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages.append(last)
+    advantages = torch.stack(advantages[::-1], dim=1) * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logp, old_logp, advantages, mask, cliprange: float):
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), token mean over the response (trl's PPO v2).
+
+    Returns (loss, stats): clip fraction and approx KL (0.5 * mean log-ratio^2) [N-impl]."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"policy_clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
+                 "approx_kl": (0.5 * masked_mean(log_ratio**2, mask)).item()}
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float):
+    """Clipped value loss [N-impl, "value function loss clipping"]: 0.5 * max((v - R)^2, (v_clip - R)^2), with the
+    new value kept within cliprange_value of the rollout's value."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_loss, clipped_loss), mask)
+    with torch.no_grad():
+        stats = {"value_clipfrac": masked_mean((clipped_loss > unclipped_loss).float(), mask).item()}
+    return loss, stats
+
+
+class KLController:
+    """Fixed kl_coef, or adaptive (Ziegler et al. 2019, sec. 2.2): coef *= 1 + clip(KL/target - 1, +-0.2) * n/horizon,
+    with n the samples of the step."""
+
+    def __init__(self, value: float, target: float | None = None, horizon: int | None = None):
+        self.value, self.target, self.horizon = value, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        if self.target is None:
+            return
+        error = max(-0.2, min(0.2, kl / self.target - 1.0))
+        self.value *= 1.0 + error * n_samples / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class ScoreNormalizer:
+    """Running mean/std of every score seen by any process (parallel Welford), then scale or normalize, then clip
+    (trl v1's use_score_scaling / use_score_norm / score_clip)."""
+
+    def __init__(self, mode: str = "none", clip: float | None = None):
+        self.mode, self.clip = mode, clip
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        if self.mode != "none":
+            n, total = all_sum(torch.tensor([len(scores), scores.sum().item()], dtype=torch.float64, device=scores.device)).tolist()
+            mean = total / n
+            m2 = all_sum(((scores.double() - mean) ** 2).sum()).item()
+            delta, total = mean - self.mean, self.count + n
+            self.mean += delta * n / total
+            self.m2 += m2 + delta**2 * self.count * n / total
+            self.count = total
+            std = math.sqrt(self.m2 / max(self.count - 1, 1)) + 1e-8
+            scores = scores / std if self.mode == "scale" else (scores - self.mean) / std
+        if self.clip is not None:
+            scores = scores.clamp(-self.clip, self.clip)
+        return scores
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+def shape_scores(raw: torch.Tensor, ended: torch.Tensor, norm: ScoreNormalizer, missing_eos_penalty: float | None):
+    """The score PPO optimises: normalised/clipped RM score, minus the penalty for a response with no stop token."""
+    scores = norm(raw)
+    if missing_eos_penalty is not None:
+        scores = scores - missing_eos_penalty * (~ended).float()
+    return scores

@@ -70,6 +70,7 @@ def child(args) -> None:
     m = E.measure_peak(steps)
     quant_fp32_hidden = method.startswith("qlora") and not cuda
     setup = E.Setup(method=method, batch_size=args.batch, seq_len=args.seq, lora_r=8, lora_target=["q_proj", "v_proj"],
+                    lora_dropout=cfg.lora_dropout,
                     double_quant=keys.get("bnb_4bit_use_double_quant", True), device="cuda" if cuda else "cpu",
                     act_bytes=4 if quant_fp32_hidden else None)
     est = E.estimate(E.load_shape(args.base), setup)

@@ -37,9 +37,9 @@ def estimate_anchors() -> str:
     from rlhf import estimate as E
 
     s65 = E.load_shape("65b")
-    full = E.estimate(s65, E.Setup(method="full_16bit"))
+    full = E.estimate(s65, E.Setup(method="full_16bit", batch_size=1, seq_len=512, optim="adamw_torch"))
     qlora = E.estimate(s65, E.Setup(method="qlora_4bit", lora_r=64, lora_target=["all-linear"], lora_dropout=0.05,
-                                    gradient_checkpointing=True, optim="paged_adamw_32bit"))
+                                    batch_size=1, seq_len=512, gradient_checkpointing=True, optim="paged_adamw_32bit"))
     dq = (E.weight_bytes(s65, E.Setup(method="qlora_4bit", double_quant=False)) - E.weight_bytes(s65, E.Setup(method="qlora_4bit"))) / 1e9
     return "\n".join([
         "| published figure | rlhf estimate |", "|---|---:|",

@@ -73,14 +73,13 @@ on CPU (full, LoRA, QLoRA 4/8-bit, checkpointing, dropout, eager attention, bf16
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import click
-
-from rlhf.config import DEFAULT_LORA_TARGETS, ConfigError
+from rlhf.config import DEFAULT_LORA_TARGETS, ConfigError, DataConfig, ModelConfig, TrainConfig
 
 GIB = 2**30
 METHODS = ("full_fp32", "full_16bit", "full_amp", "lora", "qlora_8bit", "qlora_4bit")
@@ -227,21 +226,33 @@ def load_shape(model: str) -> Shape:
 # Settings and the estimate
 
 
+def default_of(cls, name: str):
+    """The default of config key ``name`` in ``cls`` (rlhf/config.py): the estimate's knobs default as the stages'."""
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _knob(cls, name: str):
+    return field(default_factory=lambda: default_of(cls, name))
+
+
 @dataclass
 class Setup:
-    """How a stage trains: method, batch, sequence, LoRA and optimizer (the config keys of the same names)."""
+    """How a stage trains: method, batch, sequence, LoRA and optimizer. The fields named as config keys (or after
+    them: batch_size is per_device_train_batch_size, seq_len max_length, double_quant bnb_4bit_use_double_quant)
+    default as those keys do; ``setup_from_config`` reads a stage's config."""
 
     method: str = "qlora_4bit"
-    batch_size: int = 1  # per_device_train_batch_size
-    seq_len: int = 512  # max_length (tokens per sequence)
-    gradient_checkpointing: bool = False
-    gradient_accumulation_steps: int = 1
-    optim: str = "adamw_torch"
-    lora_r: int = 8
-    lora_target: list[str] = field(default_factory=lambda: ["auto"])
-    lora_dropout: float = 0.0
-    double_quant: bool = True
-    attn: str = "sdpa"  # sdpa / flash_attention_2 (no stored scores) or eager
+    batch_size: int = _knob(TrainConfig, "per_device_train_batch_size")
+    seq_len: int = _knob(DataConfig, "max_length")  # tokens per sequence (PPO: the prompt)
+    gradient_checkpointing: bool = _knob(ModelConfig, "gradient_checkpointing")
+    gradient_accumulation_steps: int = _knob(TrainConfig, "gradient_accumulation_steps")
+    optim: str = _knob(TrainConfig, "optim")
+    lora_r: int = _knob(ModelConfig, "lora_r")
+    lora_target: list[str] = _knob(ModelConfig, "lora_target")
+    lora_dropout: float = _knob(ModelConfig, "lora_dropout")
+    double_quant: bool = _knob(ModelConfig, "bnb_4bit_use_double_quant")
+    attn: str = "sdpa"  # attn_implementation: sdpa (transformers' default) / flash_attention_2 (no stored scores) or eager
     act_bytes: int | None = None  # activation width; None: 4 for full_fp32, else 2 (16-bit compute)
     base_bytes: int | None = None  # width of unquantized frozen/full weights; None: as the method says (4 on a CPU run)
     device: str = "cuda"  # cuda: foreach AdamW temporary; cpu: per-tensor loop
@@ -254,6 +265,43 @@ class Setup:
         if self.batch_size < 1 or self.seq_len < 1:
             raise ConfigError(f"batch_size and seq_len must be positive, got {self.batch_size} and {self.seq_len}")
         return self
+
+
+QUANT_METHOD = {"none": "lora", "auto": "lora", "4bit": "qlora_4bit", "8bit": "qlora_8bit"}
+
+
+def setup_from_config(cfg, stage: str = "sft", device: str = "cuda") -> tuple[Setup, dict]:
+    """The Setup a stage's config trains with (an SFTConfig, RMConfig or PPOConfig: rlhf/config.py's keys, and for
+    ppo its batch keys), and for ppo the ``estimate_ppo`` keywords. ``quantization: auto`` must be resolved first
+    (rlhf.loader.inherit_quantization); left as auto it means none, as for a stage without a parent.
+
+    Widths as the loader builds them (rlhf/loader.py): dtype auto is bf16 on a GPU, fp32 on CPU; a QLoRA base keeps
+    its hidden states in fp32 (prepare_model_for_kbit_training) unless bf16/fp16 autocast is on."""
+    amp = bool(cfg.bf16 or cfg.fp16)
+    sixteen = cfg.dtype in ("bfloat16", "float16") or (cfg.dtype == "auto" and device == "cuda")
+    act = base = None
+    if cfg.finetuning_type == "full":
+        method = "full_16bit" if sixteen else ("full_amp" if amp else "full_fp32")
+    elif cfg.finetuning_type == "lora":
+        method = QUANT_METHOD[cfg.quantization]
+        if method == "lora":
+            base, act = (2, 2) if sixteen else (4, 2 if amp else 4)
+        else:
+            act = 2 if amp else 4
+    else:
+        raise ConfigError(f"finetuning_type '{cfg.finetuning_type}': the estimate covers lora (LoRA/QLoRA) and full")
+    keys = dict(batch_size=cfg.per_device_train_batch_size, seq_len=cfg.max_length, lora_r=cfg.lora_r,
+                lora_target=list(cfg.lora_target), lora_dropout=cfg.lora_dropout,
+                gradient_checkpointing=cfg.gradient_checkpointing, optim=cfg.optim,
+                gradient_accumulation_steps=cfg.gradient_accumulation_steps, double_quant=cfg.bnb_4bit_use_double_quant,
+                attn=cfg.attn_implementation or "sdpa", act_bytes=act, base_bytes=base, device=device)
+    ppo = {}
+    if stage == "ppo":  # an update step: mini_batch_size samples in micro-batches; the rollout generates in chunks
+        keys.update(seq_len=cfg.max_prompt_length,
+                    gradient_accumulation_steps=cfg.mini_batch_size // cfg.per_device_train_batch_size)
+        ppo = dict(prompt_len=cfg.max_prompt_length, response_len=cfg.max_new_tokens, value_model=cfg.value_model,
+                   rollout_batch=min(cfg.batch_size, cfg.per_device_eval_batch_size))
+    return Setup(method=method, **keys).validate(), ppo
 
 
 @dataclass
@@ -518,7 +566,7 @@ def propose(shape: Shape, gpu_bytes: float, stage: str = "sft", batch_size: int 
             for mb in micro:
                 for optim in ("adamw_torch", "paged_adamw_8bit"):
                     s = replace(base, method=method, gradient_checkpointing=gc, batch_size=mb, seq_len=seq_len, optim=optim,
-                                gradient_accumulation_steps=math.ceil(batch_size / mb))
+                                gradient_accumulation_steps=math.ceil(batch_size / mb), act_bytes=None, base_bytes=None)
                     e = stage_estimate(stage, shape, s, **ppo)
                     if best_small is None or e.peak < best_small[1].peak:
                         best_small = (s, e)
@@ -623,7 +671,7 @@ def measure_peak(fn, *args, **kwargs) -> Measured:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The command
+# Tables for `rlhf estimate` (the command: rlhf/cli/estimate.py)
 
 
 def _gib(x: float) -> str:
@@ -640,7 +688,7 @@ def parse_size(text: str) -> float:
                 return float(t[: len(t) - len(u)] if u else t) * units[u]
             except ValueError:
                 break
-    raise click.BadParameter(f"'{text}' is not a memory size; write e.g. 24, 24GiB, 24GB or 800MiB")
+    raise ConfigError(f"'{text}' is not a memory size; write e.g. 24, 24GiB, 24GB or 800MiB")
 
 
 def table(stage: str, shape: Shape, base: Setup, **ppo) -> str:
@@ -649,7 +697,7 @@ def table(stage: str, shape: Shape, base: Setup, **ppo) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for method in METHODS:
         for gc in (False, True):
-            s = replace(base, method=method, gradient_checkpointing=gc, optim="adamw_torch")
+            s = replace(base, method=method, gradient_checkpointing=gc, optim="adamw_torch", act_bytes=None, base_bytes=None)
             try:
                 e = stage_estimate(stage, shape, s, **ppo)
                 e8 = stage_estimate(stage, shape, replace(s, optim="paged_adamw_8bit"), **ppo)
@@ -662,55 +710,11 @@ def table(stage: str, shape: Shape, base: Setup, **ppo) -> str:
     return "\n".join(rows)
 
 
-@click.command("estimate")
-@click.argument("model")
-@click.option("--stage", type=click.Choice(["sft", "rm", "ppo"]), default="sft", show_default=True, help="Which stage's training step.")
-@click.option("--batch-size", default=1, show_default=True, help="Micro-batch (per_device_train_batch_size); RM counts 2 sequences per pair.")
-@click.option("--seq-len", default=512, show_default=True, help="Tokens per sequence (max_length); PPO: prompt length.")
-@click.option("--lora-r", default=8, show_default=True, help="LoRA rank.")
-@click.option("--lora-target", default="auto", show_default=True, help="auto, all-linear or comma-separated module names.")
-@click.option("--lora-dropout", default=0.05, show_default=True, help="LoRA dropout (a dropped copy of each adapted layer's input is stored).")
-@click.option("--attn", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True, help="eager stores the attention scores (quadratic in length).")
-@click.option("--response-len", default=64, show_default=True, help="PPO: new tokens per response.")
-@click.option("--rollout-batch", default=16, show_default=True, help="PPO: sequences generated at once.")
-@click.option("--value-model", type=click.Choice(["adapter", "shared"]), default="adapter", show_default=True, help="PPO critic.")
-@click.option("--gpu-memory", default=None, help="Propose settings that fit this GPU: 24 (GiB, as sold), 24GiB, 80GB ...")
-@click.option("--target-batch", default=16, show_default=True, help="With --gpu-memory: the batch to reach with micro-batch x accumulation.")
-@click.option("--headroom", default=0.1, show_default=True, help="With --gpu-memory: share kept free (CUDA context, fragmentation).")
-@click.option("--full", is_flag=True, help="With --gpu-memory: also consider full 16-bit fine-tuning.")
-def estimate_cmd(model, stage, batch_size, seq_len, lora_r, lora_target, lora_dropout, attn, response_len, rollout_batch,
-                 value_model, gpu_memory, target_batch, headroom, full):
-    """Training memory of a stage for MODEL (a named size 1b/7b/13b/30b/65b/70b, a model folder, a config.json or a
-    hub id): weights, gradients, optimizer state and activations for full fine-tuning, LoRA and QLoRA, with and
-    without gradient checkpointing; GiB. Formulas and their published anchors: rlhf/estimate.py."""
-    shape = load_shape(model)
-    base = Setup(batch_size=batch_size, seq_len=seq_len, lora_r=lora_r, lora_target=lora_target.split(","),
-                 lora_dropout=lora_dropout, attn=attn).validate()
-    lora_modules(shape, base.lora_target)
-    ppo = dict(prompt_len=seq_len, response_len=response_len, rollout_batch=rollout_batch, value_model=value_model) if stage == "ppo" else {}
-    click.echo(f"{shape.name}: {shape.params() / 1e9:.2f}B parameters ({shape.params():,}), {shape.layers} layers, hidden {shape.hidden}, "
-               f"vocab {shape.vocab}; LoRA r={lora_r} on {','.join(m[0] for m in lora_modules(shape, base.lora_target))}: "
-               f"{lora_params(shape, base):,} parameters")
-    click.echo(f"stage {stage}, micro-batch {batch_size}, "
-               + (f"prompt {seq_len} + response {response_len} tokens" if stage == "ppo" else f"{seq_len} tokens") + ", GiB\n")
-    click.echo(table(stage, shape, base, **ppo))
-    if stage == "ppo":
-        click.echo("\nPPO designs side by side (no checkpointing, AdamW), GiB:\n")
-        rows = ["| method | one base + 4 adapters: weights | peak | four copies: weights | peak |", "|---|---:|---:|---:|---:|"]
-        for method in ("full_16bit", "lora", "qlora_8bit", "qlora_4bit"):
-            s = replace(base, method=method)
-            four = estimate_ppo(shape, s, design="four_copies", **ppo)
-            one = None if method.startswith("full") else estimate_ppo(shape, s, design="one_base", **ppo)
-            rows.append(f"| {METHOD_HELP[method]} | {_gib(one.weights) if one else '-'} | {_gib(one.peak) if one else '-'} | "
-                        f"{_gib(four.weights)} | {_gib(four.peak)} |")
-        click.echo("\n".join(rows))
-    if gpu_memory is not None:
-        gpu = parse_size(gpu_memory)
-        s, e = propose(shape, gpu, stage, batch_size=target_batch, seq_len=seq_len, headroom=headroom, full=full, base=base, **ppo)
-        if s is None:
-            raise click.ClickException(
-                f"nothing fits in {_gib(gpu)} GiB with {headroom:.0%} headroom: the smallest setting needs {_gib(e.peak)} GiB; "
-                f"shorten --seq-len, or use several GPUs (configs/accelerate) or a smaller model")
-        click.echo(f"\nFits in {_gib(gpu)} GiB ({_gib(e.peak)} GiB estimated, {headroom:.0%} kept free) -- config keys:")
-        for k, v in setup_to_config(s, stage).items():
-            click.echo(f"  {k}: {str(v).lower() if isinstance(v, bool) else v}")
+def __getattr__(name: str):
+    """``rlhf.estimate.estimate_cmd``: the command moved to rlhf/cli/estimate.py; this name stays until
+    rlhf/cli/__init__.py registers it from there."""
+    if name == "estimate_cmd":
+        from rlhf.cli.estimate import estimate_cmd
+
+        return estimate_cmd
+    raise AttributeError(f"module 'rlhf.estimate' has no attribute '{name}'")

@@ -23,6 +23,7 @@ import subprocess
 import sys
 
 import pytest
+from click.testing import CliRunner
 
 from rlhf import estimate as E
 from rlhf.cli import cli
@@ -137,7 +138,7 @@ def _measure(base, method, dtype, extra, head="lm", b=4, s=64):
     m = E.measure_peak(steps)
     A = 2 if dtype == "bfloat16" and not method.startswith("qlora") else 4  # QLoRA's hidden states are fp32 (see E._act_width)
     setup = E.Setup(method=method, batch_size=b, seq_len=s, device="cpu", act_bytes=A, base_bytes=A,
-                    **{k: v for k, v in extra.items() if k in E.Setup.__dataclass_fields__})
+                    **{"lora_dropout": 0.0, **{k: v for k, v in extra.items() if k in E.Setup.__dataclass_fields__}})
     return m, setup
 
 
@@ -203,8 +204,6 @@ def test_propose_fits_and_prefers_speed():
 
 
 def test_cli(tiny_model_dir):
-    from click.testing import CliRunner
-
     r = CliRunner().invoke(cli, ["estimate", "65b", "--gpu-memory", "48"])
     assert r.exit_code == 0, r.output
     assert "LLaMA-65B: 65.29B parameters" in r.output and "| QLoRA 4-bit NF4 + double quant | yes |" in r.output
@@ -223,7 +222,72 @@ def test_cli(tiny_model_dir):
     assert r.exit_code != 0 and "not a memory size" in r.output
 
 
+def test_setup_defaults_are_the_stage_configs():
+    from rlhf.config import DataConfig, ModelConfig, TrainConfig
+
+    s = E.Setup()
+    assert (s.lora_r, s.lora_target, s.lora_dropout, s.gradient_checkpointing, s.double_quant) == (
+        ModelConfig.lora_r, ["auto"], ModelConfig.lora_dropout, False, ModelConfig.bnb_4bit_use_double_quant)
+    assert (s.batch_size, s.seq_len, s.optim) == (TrainConfig.per_device_train_batch_size, DataConfig.max_length,
+                                                  TrainConfig.optim)
+
+
+def test_estimate_of_a_stage_config_uses_its_keys(tmp_path):
+    from rlhf.cli.estimate import stage_config
+    from rlhf.config import load_config
+    from rlhf.stages.sft import SFTConfig
+
+    cfg = load_config(SFTConfig, "configs/llama2-7b-qlora/sft.yaml")
+    s, ppo = E.setup_from_config(cfg)
+    assert (s.method, s.lora_target, s.lora_r, s.lora_dropout, s.optim) == (
+        "qlora_4bit", ["q_proj", "v_proj"], 8, 0.1, "paged_adamw_8bit")
+    assert (s.batch_size, s.gradient_accumulation_steps, s.seq_len, s.gradient_checkpointing) == (4, 4, 1024, True)
+    assert ppo == {}
+    r = CliRunner().invoke(cli, ["estimate", "configs/llama2-7b-qlora/sft.yaml", "--model", "7b"])
+    assert r.exit_code == 0, r.output
+    e = E.estimate(E.load_shape("7b"), s)
+    assert "QLoRA 4-bit NF4 + double quant, LoRA r=8 on q_proj,v_proj (dropout 0.1), micro-batch 4 x 4" in r.output
+    assert f"peak {E._gib(e.peak)} GiB" in r.output and "stage sft, micro-batch 4, 1024 tokens" in r.output
+    r = CliRunner().invoke(cli, ["estimate", "configs/llama2-7b-qlora/sft.yaml", "--model", "7b", "--lora-target",
+                                 "all-linear", "--batch-size", "1"])
+    assert r.exit_code == 0 and "LoRA r=8 on all-linear" in r.output and "micro-batch 1 x 4" in r.output, r.output
+    # ppo: its own keys (prompt and response lengths, mini-batches, the rollout's chunks)
+    cfg, shape = stage_config("ppo", "configs/llama2-7b-qlora/ppo.yaml", "7b", {})
+    s, ppo = E.setup_from_config(cfg, "ppo")
+    assert (s.seq_len, s.gradient_accumulation_steps, s.method) == (512, 4, "qlora_4bit")
+    assert ppo == {"prompt_len": 512, "response_len": 128, "value_model": "adapter", "rollout_batch": 16}
+    # the stage is the one whose config takes the file's keys; a bad key is the stage's own error
+    bad = tmp_path / "x.yaml"
+    bad.write_text("lora_rr: 4\n")
+    r = CliRunner().invoke(cli, ["estimate", str(bad), "--model", "7b"])
+    assert r.exit_code == 2 and "unknown key 'lora_rr'; did you mean 'lora_r'" in r.output, r.output
+
+
+def test_estimate_demo_configs(tmp_path, tiny_model_dir, monkeypatch):
+    import os
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    # through the installed entry point, in a fresh checkout: the base `rlhf pt` will train is sized by its config
+    rlhf = Path(sys.executable).with_name("rlhf")
+    cmd = [str(rlhf)] if rlhf.exists() else [sys.executable, "-m", "rlhf"]
+    out = subprocess.run([*cmd, "estimate", str(root / "configs/demo/sft.yaml")], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "runs/demo/pt (to be trained by rlhf pt, vocab_size 512)" in out.stdout, out.stdout
+    assert "stage sft, micro-batch 16, 64 tokens" in out.stdout  # the demo's per_device_train_batch_size, max_length
+    assert "LoRA on a 16-bit base, LoRA r=16 on all-linear (dropout 0.0)" in out.stdout, out.stdout
+    # once pt has run: its folder; rm and ppo take the base and adapter shape through the SFT config beside theirs
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "runs/demo/pt")
+    monkeypatch.chdir(tmp_path)
+    for stage in ("sft", "rm", "ppo"):
+        r = CliRunner().invoke(cli, ["estimate", str(root / f"configs/demo/{stage}.yaml")])
+        assert r.exit_code == 0 and f"stage {stage}, micro-batch 16" in r.output, r.output
+        assert r.output.startswith("runs/demo/pt: ") and "LoRA r=16 on all-linear" in r.output, r.output
+
+
 def test_module_imports_without_torch():
-    code = "import sys, rlhf.estimate; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, rlhf.estimate; print('torch' in sys.modules, 'transformers' in sys.modules, 'click' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False"]

@@ -11,10 +11,13 @@ from rlhf.templates import TEMPLATES
 
 import dataclasses
 import json
+import logging
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger("rlhf")
 
 
 class ConfigError(RlhfError, ValueError):
@@ -71,6 +74,25 @@ def stage_model_config(manifest_config: dict, *, trust_remote_code: bool = False
     option (--trust-remote-code) may run a model's custom Python."""
     keys = {k: v for k, v in manifest_config.items() if k in ModelConfig.__dataclass_fields__}
     return ModelConfig(**{**keys, **overrides, "trust_remote_code": trust_remote_code})
+
+
+QUANT_KEYS = ("quantization", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
+
+
+def inherit_quantization(cfg, parent: dict | None, folder: str | None = None) -> None:
+    """``quantization: auto`` becomes the parent stage's quantization and 4-bit settings (an RM or PPO run on the
+    base its SFT adapter was trained on), or none for a stage without a parent; says which in the log."""
+    if cfg.quantization != "auto":
+        return
+    pcfg = (parent or {}).get("config") or {}
+    for k in QUANT_KEYS:
+        if k in pcfg:
+            setattr(cfg, k, pcfg[k])
+    if cfg.quantization == "auto":
+        cfg.quantization = "none"
+    if parent:
+        log.info("quantization %s, as the parent %s was trained (quantization: auto; set it to override)",
+                 cfg.quantization, folder)
 
 
 @dataclass

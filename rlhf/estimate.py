@@ -273,7 +273,7 @@ QUANT_METHOD = {"none": "lora", "auto": "lora", "4bit": "qlora_4bit", "8bit": "q
 def setup_from_config(cfg, stage: str = "sft", device: str = "cuda") -> tuple[Setup, dict]:
     """The Setup a stage's config trains with (an SFTConfig, RMConfig or PPOConfig: rlhf/config.py's keys, and for
     ppo its batch keys), and for ppo the ``estimate_ppo`` keywords. ``quantization: auto`` must be resolved first
-    (rlhf.loader.inherit_quantization); left as auto it means none, as for a stage without a parent.
+    (rlhf.config.inherit_quantization); left as auto it means none, as for a stage without a parent.
 
     Widths as the loader builds them (rlhf/loader.py): dtype auto is bf16 on a GPU, fp32 on CPU; a QLoRA base keeps
     its hidden states in fp32 (prepare_model_for_kbit_training) unless bf16/fp16 autocast is on."""

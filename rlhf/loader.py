@@ -8,6 +8,7 @@ trainable or frozen -- on one copy of the base weights.
 from __future__ import annotations
 
 from rlhf.config import DEFAULT_LORA_TARGETS, ConfigError
+from rlhf.config import inherit_quantization  # noqa: F401 - the stages import it from the loader
 from rlhf.errors import RlhfError
 
 import contextlib
@@ -429,25 +430,6 @@ def _device_map(quantized: bool):
     from rlhf.dist import process_state
 
     return {"": process_state().local_process_index}
-
-
-QUANT_KEYS = ("quantization", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype")
-
-
-def inherit_quantization(cfg, parent: dict | None, folder: str | None = None) -> None:
-    """``quantization: auto`` becomes the parent stage's quantization and 4-bit settings (an RM or PPO run on the
-    base its SFT adapter was trained on), or none for a stage without a parent; says which in the log."""
-    if cfg.quantization != "auto":
-        return
-    pcfg = (parent or {}).get("config") or {}
-    for k in QUANT_KEYS:
-        if k in pcfg:
-            setattr(cfg, k, pcfg[k])
-    if cfg.quantization == "auto":
-        cfg.quantization = "none"
-    if parent:
-        log.info("quantization %s, as the parent %s was trained (quantization: auto; set it to override)",
-                 cfg.quantization, folder)
 
 
 @contextlib.contextmanager

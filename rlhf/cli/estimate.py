@@ -46,8 +46,7 @@ def parent_record(stage: str, path: str | None, cfg) -> dict | None:
     """What the stage reads from its first parent folder: the manifest's config and base model; before that stage
     has run, what it will record, from its config beside CONFIG (configs/demo/sft.yaml for configs/demo/rm.yaml)
     whose output_dir is the folder named. A planned `rlhf pt` base carries its config as "pt"."""
-    from rlhf.config import load_config, to_dict
-    from rlhf.loader import inherit_quantization
+    from rlhf.config import inherit_quantization, load_config, to_dict
     from rlhf.manifest import MANIFEST, read_manifest
 
     for key, parent in STAGES[stage].parents[:1]:
@@ -73,9 +72,8 @@ def parent_record(stage: str, path: str | None, cfg) -> dict | None:
 def stage_config(stage: str, path: str | None, model: str | None, overrides: dict):
     """The stage's config (from ``path`` when given, else its defaults on ``model``), with what it takes from its
     parent folder, and the shape of the model it trains."""
-    from rlhf.config import ConfigError, load_config
+    from rlhf.config import ConfigError, inherit_quantization, load_config
     from rlhf.estimate import load_shape, shape_from_config
-    from rlhf.loader import inherit_quantization
 
     cls = STAGES[stage].config_class()
     cfg = load_config(cls, path, overrides) if path else cls(**overrides)

@@ -708,13 +708,3 @@ def table(stage: str, shape: Shape, base: Setup, **ppo) -> str:
     rows.append("\nTotals are peaks: the weights and optimizer state, plus the larger of the activations (the backward's start) "
                 "and the gradients with the optimizer step's temporary (torch's foreach AdamW: 4 B per trainable parameter).")
     return "\n".join(rows)
-
-
-def __getattr__(name: str):
-    """``rlhf.estimate.estimate_cmd``: the command moved to rlhf/cli/estimate.py; this name stays until
-    rlhf/cli/__init__.py registers it from there."""
-    if name == "estimate_cmd":
-        from rlhf.cli.estimate import estimate_cmd
-
-        return estimate_cmd
-    raise AttributeError(f"module 'rlhf.estimate' has no attribute '{name}'")

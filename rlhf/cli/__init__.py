@@ -150,10 +150,10 @@ def datasets_show(name, registry_file):
 
 
 def _register():
+    from rlhf.cli.estimate import estimate_cmd
     from rlhf.cli.export import export_cmd
     from rlhf.cli.pipeline import inspect_cmd, pipeline_cmd
     from rlhf.cli.use import chat, eval_cmd, generate_cmd, score
-    from rlhf.estimate import estimate_cmd
 
     for cmd in (pipeline_cmd, inspect_cmd, export_cmd, chat, generate_cmd, eval_cmd, score, estimate_cmd):
         cli.add_command(cmd)

@@ -344,7 +344,7 @@ def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int =
 @click.option("--input", "input_path", required=True, help="JSONL rows: prompt (instruction/input, prompt or messages) and `response`.")
 @click.option("--output", "output_path", required=True, help="Where to write the rows with a `score` key added.")
 @click.option("--max-length", default=1024, show_default=True, help="Truncate prompt+response to this many tokens.")
-@click.option("--trust-remote-code", is_flag=True, help="Run the base model's own Python code (auto_map), if you trust it.")
+@trust_remote_code_option
 def score(rm_dir, input_path, output_path, max_length, trust_remote_code):
     """Score (prompt, response) pairs from a file with a trained reward-model folder."""
     from rlhf.logging_utils import setup_logging

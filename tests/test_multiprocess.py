@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent('''
             return WithDump()
         tu.log_callback = log_callback
     mod.run(load_config(STAGES[stage].config_class(), None, values))
-    from rlhf.logging_utils import close_process_group
+    from rlhf.dist import close_process_group
     close_process_group()  # as the CLI does at the end of a stage
 ''')
 
@@ -191,7 +191,8 @@ def test_pipeline_launches_stages_on_two_processes(tiny_model_dir, tmp_path):
 
 def test_fsdp_on_cpu_is_refused(monkeypatch):
     """accelerate runs FSDP only on GPUs; on CPUs it would quietly train plain data parallel instead."""
-    from rlhf.manifest import StageError, process_state
+    from rlhf.dist import process_state
+    from rlhf.manifest import StageError
 
     if torch.cuda.is_available():
         pytest.skip("the refusal is for machines without a GPU")
@@ -202,7 +203,7 @@ def test_fsdp_on_cpu_is_refused(monkeypatch):
 
 STATS_SCRIPT = textwrap.dedent('''
     import torch, torch.distributed as dist
-    from rlhf.stages import ppo
+    from rlhf import rl
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)  # the same full batch on both ranks; each takes its half
@@ -211,8 +212,8 @@ STATS_SCRIPT = textwrap.dedent('''
     mean = (x_all * m_all).sum() / m_all.sum()
     var = ((x_all - mean) ** 2 * m_all).sum() / (m_all.sum() - 1)
     expected = (x_all - mean) * torch.rsqrt(var + 1e-8) * m_all
-    torch.testing.assert_close(ppo.masked_whiten(x_all[mine], m_all[mine]), expected[mine])
-    norm = ppo.ScoreNormalizer("normalize")
+    torch.testing.assert_close(rl.masked_whiten(x_all[mine], m_all[mine]), expected[mine])
+    norm = rl.ScoreNormalizer("normalize")
     out = norm(s_all[4 * rank : 4 * rank + 4])
     torch.testing.assert_close(out, ((s_all - s_all.mean()) / (s_all.std() + 1e-8))[4 * rank : 4 * rank + 4])
     assert norm.count == 8

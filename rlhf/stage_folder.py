@@ -52,6 +52,10 @@ def open_stage(folder: str, kinds: tuple[str, ...], command: str) -> Stage:
                              f"{command} needs a {'/'.join(kinds)} folder (score replies with `rlhf score` or "
                              f"`rlhf eval {folder}`)")
         raise StageError(f"{folder} is the output of `rlhf {m['stage']}`, but {command} needs a {'/'.join(kinds)} folder")
+    return _stage(folder, m)
+
+
+def _stage(folder: str, m: dict) -> Stage:
     lora = m["stage"] != "pt" and m.get("config", {}).get("finetuning_type", "lora") == "lora"
     return Stage(str(folder), m["stage"], m, m["base_model"]["path"] if lora else str(folder), str(folder) if lora else None)
 
@@ -90,17 +94,7 @@ def release() -> None:
 
 def load_reward_model(rm_dir: str, quantization: str = "none", trust_remote_code: bool = False):
     """(model, tokenizer) of a finished RM folder, for scoring (`rlhf score`); unquantized unless asked."""
-    from rlhf.config import stage_model_config
-    from rlhf.loader import AdapterSpec, load_model, load_tokenizer
     from rlhf.manifest import check_parent
 
-    m = check_parent(rm_dir, "rm", for_stage="rlhf score")
-    mcfg = stage_model_config(m["config"], trust_remote_code=trust_remote_code, quantization=quantization,
-                              gradient_checkpointing=False)
-    lora = m["config"].get("finetuning_type", "lora") == "lora"
-    if not lora:
-        mcfg.model_name_or_path = rm_dir
-    model = load_model(mcfg, head="score", adapters=[AdapterSpec("default", folder=rm_dir)] if lora else [], for_training=False)
-    model.eval()
-    tokenizer = load_tokenizer(rm_dir, trust_remote_code)
-    return model, tokenizer
+    m = check_parent(rm_dir, "rm", for_stage="rlhf score")  # its errors say to run `rlhf rm`
+    return load_stage(_stage(rm_dir, m), quantization=quantization, trust_remote_code=trust_remote_code)

@@ -1,4 +1,4 @@
-"""The floor plan (issue 13, the layout): each floor imports only the floors below it.
+"""The floor plan (docs/design.md, layout): each floor imports only the floors below it.
 
 A static walk (ast, no import runs) over every .py file under rlhf/ and stages/, lazy imports inside functions
 included. It fails on

@@ -50,7 +50,8 @@ def machine() -> dict:
 def run_child(args: list[str], timeout: int = 1800) -> dict:
     """Run ``python args...`` with the one-thread environment; return the JSON object on its last stdout line."""
     t = time.time()
-    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env={**os.environ, **ENV}, timeout=timeout, cwd=ROOT)
+    out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env={**os.environ, **ENV},
+                         timeout=timeout, cwd=ROOT)
     if out.returncode:
         sys.exit(f"child {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-4000:]}")
     lines = [line for line in out.stdout.strip().splitlines() if line.startswith("{")]
@@ -103,7 +104,8 @@ def spy_on_train(trainer_cls, track_memory: bool, into: dict) -> None:
             out, into["train_peak_bytes"], into["train_start_bytes"] = m.result, m.peak, m.start
         else:
             out = real(self, *a, **kw)
-        into.update(train_wall_s=time.perf_counter() - t, train_cpu_s=time.process_time() - c, metrics=dict(out.metrics))
+        into.update(train_wall_s=time.perf_counter() - t, train_cpu_s=time.process_time() - c,
+                    metrics=dict(out.metrics))
         into["num_tokens"] = self.state.log_history[-2].get("num_tokens") if len(self.state.log_history) > 1 else None
         import torch
 
@@ -115,7 +117,8 @@ def spy_on_train(trainer_cls, track_memory: bool, into: dict) -> None:
 
 
 def md_table(header: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(out)
 

@@ -1,6 +1,7 @@
-"""One process against two (accelerate launch, configs/accelerate/cpu.yaml) for sft, rm and ppo, at the same global batch.
+"""One process against two (accelerate launch, configs/accelerate/cpu.yaml) for sft, rm and ppo, at the same global
+batch.
 
-    OMP_NUM_THREADS=1 python benchmarks/data_parallel.py                  # llama hidden 256 x 4 layers, ~10 min on 2 cores
+    OMP_NUM_THREADS=1 python benchmarks/data_parallel.py          # llama hidden 256 x 4 layers, ~10 min on 2 cores
     python benchmarks/data_parallel.py --hidden 64 --layers 2 --steps 4 --repeats 1    # a quick look
 
 Variants, each a separate `rlhf <stage>` command: 1 process x 1 thread (the baseline), 1 process x 2 threads, and
@@ -40,15 +41,18 @@ def stage_args(stage: str, procs: int, args, base: str, parents: dict) -> list[s
     lora = ["--lora-r", "8", "--lora-alpha", "16", "--lora-target", "all-linear", "--learning-rate", "1e-3",
             "--per-device-train-batch-size", str(16 // procs), "--max-length", "64"]
     if stage == "sft":
-        return ["sft", "--model-name-or-path", base, "--dataset", "demo_sft", "--task-eval-samples", "0", *lora, *common]
+        return ["sft", "--model-name-or-path", base, "--dataset", "demo_sft", "--task-eval-samples", "0", *lora,
+                *common]
     return ["rm", "--sft-dir", parents["sft"], "--dataset", "demo_pref", *lora, *common]
 
 
 def run(stage: str, variant: str, args, base: str, parents: dict, out: Path) -> dict:
     procs, threads = VARIANTS[variant]
     launcher = [sys.executable, "-m", "rlhf"] if procs == 1 else [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), "--num_processes", str(procs), "-m", "rlhf"]
-    cmd = launcher + stage_args(stage, procs, args, base, parents) + ["--output-dir", str(out), "--overwrite-output-dir", "true"]
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), "--num_processes",
+        str(procs), "-m", "rlhf"]
+    cmd = launcher + stage_args(stage, procs, args, base, parents) + ["--output-dir", str(out),
+                                                                      "--overwrite-output-dir", "true"]
     env = {**os.environ, **ENV, "OMP_NUM_THREADS": str(threads)}
     t = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=3600)
@@ -107,11 +111,14 @@ def main() -> None:
         b = results[(stage, "1 proc x 1 thread")]
         for variant in [v for v in VARIANTS if (stage, v) in results]:
             r = results[(stage, variant)]
-            rows.append([stage, variant, f"{r['train_s']:.1f}", f"{b['train_s'] / r['train_s']:.2f}x", f"{r['wall_s']:.1f}",
+            rows.append([stage, variant, f"{r['train_s']:.1f}", f"{b['train_s'] / r['train_s']:.2f}x",
+                         f"{r['wall_s']:.1f}",
                          f"{b['wall_s'] / r['wall_s']:.2f}x", f"{r['last']:.4f}"])
     info = machine()
-    title = (f"1 vs 2 processes (llama hidden {args.hidden} x {args.layers} layers, {args.steps} steps, global batch 16 "
-             f"(ppo: 32 prompts), best of {args.repeats}; {info['cpu']}, {info['cores']} cores; load {load_before} -> {load_average()})")
+    title = (f"1 vs 2 processes (llama hidden {args.hidden} x {args.layers} layers, {args.steps} steps, global batch "
+             "16 "
+             f"(ppo: 32 prompts), best of {args.repeats}; {info['cpu']}, {info['cores']} cores; load {load_before} -> "
+             f"{load_average()})")
     table = md_table(["stage", "variant", "train s", "train speed-up", "command s", "command speed-up",
                       "last loss (ppo: score)"], rows)
     print(f"\n{title}\n\n{table}")

@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, best_of, load_average, make_base, md_table, rss_mib, run_child, spy_on_train, write_json  # noqa: E402
+# noqa: E402
+from common import ROOT, best_of, load_average, make_base, md_table, rss_mib, run_child, spy_on_train, write_json
 
 DATA = ROOT / "datasets_registry" / "data" / "demo_sft.jsonl"
 
@@ -29,10 +30,14 @@ def child(args) -> None:
 
     rec: dict = {}
     spy_on_train(trl.SFTTrainer, False, rec)
-    cli.main(args=["sft", "--model-name-or-path", args.base, "--dataset", str(DATA), "--output-dir", str(Path(args.workdir) / args.child),
-                   "--overwrite-output-dir", "true", "--max-steps", str(args.steps), "--per-device-train-batch-size", "8",
-                   "--max-length", "256", "--packing", "true" if args.child == "packed" else "false", "--dtype", "float32",
-                   "--logging-steps", str(args.steps), "--save-steps", "100000", "--task-eval-samples", "0"], standalone_mode=False)
+    cli.main(args=["sft", "--model-name-or-path", args.base, "--dataset", str(DATA), "--output-dir",
+                   str(Path(args.workdir) / args.child),
+                   "--overwrite-output-dir", "true", "--max-steps", str(args.steps), "--per-device-train-batch-size",
+                   "8",
+                   "--max-length", "256", "--packing", "true" if args.child == "packed" else "false", "--dtype",
+                   "float32",
+                   "--logging-steps", str(args.steps), "--save-steps", "100000", "--task-eval-samples", "0"],
+                   standalone_mode=False)
     print(json.dumps({**rec, "peak_rss_mib": rss_mib()}))
 
 
@@ -61,15 +66,20 @@ def main() -> None:
         best = best_of(args.repeats, ("packed", "padded"), run, key=lambda r: -r["tok_cpu_s"])
     p, u = best["packed"], best["padded"]
     rows = [["non-pad tokens/s (wall)", f"{p['tok_s']:.0f}", f"{u['tok_s']:.0f}", f"{p['tok_s'] / u['tok_s']:.2f}"],
-            ["non-pad tokens/s (CPU time)", f"{p['tok_cpu_s']:.0f}", f"{u['tok_cpu_s']:.0f}", f"{p['tok_cpu_s'] / u['tok_cpu_s']:.2f}"],
-            ["non-pad tokens processed", f"{p['num_tokens']:.0f}", f"{u['num_tokens']:.0f}", f"{p['num_tokens'] / u['num_tokens']:.2f}"],
+            ["non-pad tokens/s (CPU time)", f"{p['tok_cpu_s']:.0f}", f"{u['tok_cpu_s']:.0f}",
+             f"{p['tok_cpu_s'] / u['tok_cpu_s']:.2f}"],
+            ["non-pad tokens processed", f"{p['num_tokens']:.0f}", f"{u['num_tokens']:.0f}",
+             f"{p['num_tokens'] / u['num_tokens']:.2f}"],
             ["s per step (wall)", f"{p['train_wall_s'] / args.steps:.3f}", f"{u['train_wall_s'] / args.steps:.3f}",
              f"{p['train_wall_s'] / u['train_wall_s']:.2f}"],
-            ["peak RSS (MiB)", f"{p['peak_rss_mib']:.0f}", f"{u['peak_rss_mib']:.0f}", f"{p['peak_rss_mib'] / u['peak_rss_mib']:.2f}"]]
+            ["peak RSS (MiB)", f"{p['peak_rss_mib']:.0f}", f"{u['peak_rss_mib']:.0f}",
+             f"{p['peak_rss_mib'] / u['peak_rss_mib']:.2f}"]]
     if p.get("cuda_max_allocated_bytes"):
         rows.append(["CUDA max allocated (MiB)", f"{p['cuda_max_allocated_bytes'] / 2**20:.1f}",
-                     f"{u['cuda_max_allocated_bytes'] / 2**20:.1f}", f"{p['cuda_max_allocated_bytes'] / u['cuda_max_allocated_bytes']:.2f}"])
-    title = (f"SFT with packing vs without: llama hidden {args.hidden} x {args.layers} layers, batch 8, max length 256, "
+                     f"{u['cuda_max_allocated_bytes'] / 2**20:.1f}",
+                     f"{p['cuda_max_allocated_bytes'] / u['cuda_max_allocated_bytes']:.2f}"])
+    title = (f"SFT with packing vs without: llama hidden {args.hidden} x {args.layers} layers, batch 8, max length "
+             "256, "
              f"{args.steps} steps on demo_sft; best of {args.repeats} interleaved runs")
     table = md_table(["", "packing", "no packing", "packing / none"], rows)
     print(title + "\n\n" + table)

@@ -36,7 +36,8 @@ def main(argv=None):
 
     rows = [json.loads(line) for line in open(args.data) if line.strip()]
     data = Dataset.from_list([
-        {"prompt": [{"role": "user", "content": (r["instruction"] + "\n" + r["input"]) if r.get("input") else r["instruction"]}],
+        {"prompt": [{"role": "user",
+                     "content": (r["instruction"] + "\n" + r["input"]) if r.get("input") else r["instruction"]}],
          "completion": [{"role": "assistant", "content": r["output"]}]}
         for r in rows
     ])
@@ -44,7 +45,8 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     config = SFTConfig(
         output_dir=args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.0, weight_decay=0.0, max_grad_norm=1.0,
+        learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=0.0, weight_decay=0.0,
+        max_grad_norm=1.0,
         optim="adamw_torch", seed=args.seed, data_seed=args.seed, max_length=args.max_length, packing=args.packing,
         bf16=False, fp16=False, gradient_checkpointing=False, logging_steps=10, save_strategy="no", report_to="none",
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,

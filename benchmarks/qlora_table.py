@@ -30,8 +30,10 @@ VARIANTS = {  # name -> config keys
     "full fine-tuning (fp32)": dict(finetuning_type="full", dtype="float32"),
     "LoRA 16-bit (bf16)": dict(dtype="bfloat16"),
     "QLoRA int8": dict(quantization="8bit", dtype="bfloat16"),
-    "QLoRA FP4": dict(quantization="4bit", bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False, dtype="bfloat16"),
-    "QLoRA NF4 + DQ": dict(quantization="4bit", bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, dtype="bfloat16"),
+    "QLoRA FP4": dict(quantization="4bit", bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=False,
+                      dtype="bfloat16"),
+    "QLoRA NF4 + DQ": dict(quantization="4bit", bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           dtype="bfloat16"),
 }
 
 
@@ -84,11 +86,15 @@ def main() -> None:
                               max_steps=args.steps, per_device_train_batch_size=args.batch, seed=seed,
                               learning_rate=args.full_lr if keys.get("finetuning_type") == "full" else args.lora_lr,
                               lora_r=16, lora_alpha=32, lora_dropout=0.05, lora_target="all-linear", max_length=128,
-                              task_eval_samples=args.eval_samples, max_new_tokens=8, logging_steps=25, save_steps=100000,
-                              eval_steps=args.steps, **({"bnb_4bit_compute_dtype": "bfloat16"} if keys.get("quantization") == "4bit" else {}))
-                r = run_child([__file__, "--child-stage", "sft", "--child-args", json.dumps(cli_args({**common, **keys}))])
+                              task_eval_samples=args.eval_samples, max_new_tokens=8, logging_steps=25,
+                              save_steps=100000,
+                              eval_steps=args.steps,
+                              **({"bnb_4bit_compute_dtype": "bfloat16"} if keys.get("quantization") == "4bit" else {}))
+                r = run_child([__file__, "--child-stage", "sft", "--child-args",
+                               json.dumps(cli_args({**common, **keys}))])
                 m = json.loads((out / "manifest.json").read_text())["metrics"]
-                results[name].append({"eval_loss": m.get("eval_loss"), "task": m.get("task_metric_after"), "seconds": r["seconds"]})
+                results[name].append({"eval_loss": m.get("eval_loss"), "task": m.get("task_metric_after"),
+                                      "seconds": r["seconds"]})
                 before = m.get("task_metric_before") if before is None else before
 
     def mean(xs):
@@ -99,9 +105,12 @@ def main() -> None:
     rows = []
     for name, rs in results.items():
         loss, task = mean([r["eval_loss"] for r in rs]), mean([r["task"] for r in rs])
-        rows.append([name, f"{loss:.4f}", f"{loss - ref:+.4f}", f"{task:.3f}", f"{mean([r['seconds'] for r in rs]):.0f}"])
-    title = (f"QLoRA's comparison in miniature: demo task, tiny llama pre-trained {'here (' + str(args.pt_steps) + ' pt steps)' if pt_s else 'at ' + base}; "
-             f"SFT {args.steps} steps x batch {args.batch}, seed{'s' if args.seeds > 1 else ''} 42{'..' + str(41 + args.seeds) if args.seeds > 1 else ''}; "
+        rows.append([name, f"{loss:.4f}", f"{loss - ref:+.4f}", f"{task:.3f}",
+                     f"{mean([r['seconds'] for r in rs]):.0f}"])
+    title = ("QLoRA's comparison in miniature: demo task, tiny llama pre-trained "
+             f"{'here (' + str(args.pt_steps) + ' pt steps)' if pt_s else 'at ' + base}; "
+             f"SFT {args.steps} steps x batch {args.batch}, seed{'s' if args.seeds > 1 else ''} "
+             f"42{'..' + str(41 + args.seeds) if args.seeds > 1 else ''}; "
              f"task metric on {args.eval_samples} held-out prompts (base before SFT: {before})")
     table = md_table(["variant", "eval loss", "vs LoRA 16-bit", "task metric", "run s"], rows)
     print(title + "\n\n" + table)

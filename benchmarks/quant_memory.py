@@ -1,6 +1,6 @@
 """Peak memory of QLoRA 4-bit vs 8-bit vs 16-bit LoRA on one model, against `rlhf estimate`.
 
-    OMP_NUM_THREADS=1 python benchmarks/quant_memory.py           # llama hidden 1024 x 4 layers (vocab 512), batch 1 x 128
+    OMP_NUM_THREADS=1 python benchmarks/quant_memory.py     # llama hidden 1024 x 4 layers (vocab 512), batch 1 x 128
     python benchmarks/quant_memory.py --hidden 256 --layers 2 --steps 2
 
 Each variant loads the model through rlhf's loader (as `rlhf sft` does: LoRA r 8 on q_proj,v_proj, no dropout) in
@@ -44,7 +44,8 @@ def child(args) -> None:
     method, keys = VARIANTS[args.child]
     if keys["quantization"] == "4bit":
         keys = {**keys, "bnb_4bit_compute_dtype": "bfloat16" if cuda else "float32"}
-    cfg = ModelConfig(model_name_or_path=args.base, lora_r=8, lora_target=["q_proj", "v_proj"], lora_dropout=0.0, **keys)
+    cfg = ModelConfig(model_name_or_path=args.base, lora_r=8, lora_target=["q_proj", "v_proj"], lora_dropout=0.0,
+                      **keys)
     model = load_model(cfg, adapters=[AdapterSpec("default", trainable=True)])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     device = next(model.parameters()).device
@@ -95,16 +96,22 @@ def main() -> None:
     load_before = load_average()
     with tempfile.TemporaryDirectory(prefix="quant_memory_") as tmp:
         base = make_base(Path(tmp) / "base", args.hidden, args.layers, heads=8)
-        res = {name: run_child([__file__, "--child", name, "--base", base, "--hidden", str(args.hidden), "--layers", str(args.layers),
-                                "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)]) for name in VARIANTS}
+        res = {name: run_child([__file__, "--child", name, "--base", base, "--hidden", str(args.hidden), "--layers",
+                                str(args.layers),
+                                "--batch", str(args.batch), "--seq", str(args.seq), "--steps",
+                                str(args.steps)]) for name in VARIANTS}
     ref = res["LoRA 16-bit (bf16)"]
     mib = 2**20
-    rows = [[name, f"{r['start'] / mib:.1f}", f"{r['est_weights'] / mib:.1f}", f"{r['peak'] / mib:.1f}", f"{r['est_peak'] / mib:.1f}",
-             f"{r['est_peak'] / r['peak']:.3f}", f"{r['peak'] / ref['peak']:.2f}", f"{r['tokens_per_s']:.0f}"] for name, r in res.items()]
+    rows = [[name, f"{r['start'] / mib:.1f}", f"{r['est_weights'] / mib:.1f}", f"{r['peak'] / mib:.1f}",
+             f"{r['est_peak'] / mib:.1f}",
+             f"{r['est_peak'] / r['peak']:.3f}", f"{r['peak'] / ref['peak']:.2f}", f"{r['tokens_per_s']:.0f}"] for name,
+             r in res.items()]
     where = "CUDA max_memory_allocated" if ref["cuda"] else "CPU live tensors"
-    title = (f"Peak training memory by base precision ({where}): llama hidden {args.hidden} x {args.layers} layers, vocab 512, "
+    title = (f"Peak training memory by base precision ({where}): llama hidden {args.hidden} x {args.layers} layers, "
+             "vocab 512, "
              f"LoRA r8 q,v, batch {args.batch} x {args.seq} tokens, AdamW")
-    table = md_table(["variant", "weights MiB", "est. weights", "peak MiB", "est. peak", "est. / measured", "peak / 16-bit",
+    table = md_table(["variant", "weights MiB", "est. weights", "peak MiB", "est. peak", "est. / measured",
+                      "peak / 16-bit",
                       "train tokens/s"], rows)
     print(title + "\n\n" + table)
     write_json(args.json, {"title": title, "table": table, "load": [load_before, load_average()], "raw": res})

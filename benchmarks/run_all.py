@@ -40,12 +40,15 @@ def estimate_anchors() -> str:
     full = E.estimate(s65, E.Setup(method="full_16bit", batch_size=1, seq_len=512, optim="adamw_torch"))
     qlora = E.estimate(s65, E.Setup(method="qlora_4bit", lora_r=64, lora_target=["all-linear"], lora_dropout=0.05,
                                     batch_size=1, seq_len=512, gradient_checkpointing=True, optim="paged_adamw_32bit"))
-    dq = (E.weight_bytes(s65, E.Setup(method="qlora_4bit", double_quant=False)) - E.weight_bytes(s65, E.Setup(method="qlora_4bit"))) / 1e9
+    dq = (E.weight_bytes(s65, E.Setup(method="qlora_4bit",
+                                      double_quant=False)) - E.weight_bytes(s65, E.Setup(method="qlora_4bit"))) / 1e9
     return "\n".join([
         "| published figure | rlhf estimate |", "|---|---:|",
-        f"| LLaMA-65B, full 16-bit fine-tuning with Adam: \"more than 780 GB\" (QLoRA paper) | {full.states / 1e9:.0f} GB "
+        f"| LLaMA-65B, full 16-bit fine-tuning with Adam: \"more than 780 GB\" (QLoRA paper) | {full.states / 1e9:.0f} "
+        "GB "
         f"(weights + gradients + Adam; peak with activations and the foreach step: {full.peak / 1e9:.0f} GB) |",
-        f"| LLaMA-65B QLoRA (NF4 + DQ, r 64 all linear, batch 1 x 512, checkpointing, paged AdamW) fits one 48 GB GPU | "
+        "| LLaMA-65B QLoRA (NF4 + DQ, r 64 all linear, batch 1 x 512, checkpointing, paged AdamW) fits one 48 GB GPU "
+        "| "
         f"{qlora.peak / E.GIB:.1f} GiB peak |",
         f"| double quantization saves \"approximately 3 GB for a 65B model\" | {dq:.2f} GB |",
     ])
@@ -59,7 +62,8 @@ def main() -> None:
     args = ap.parse_args()
 
     info = machine()
-    scripts = ["sft_vs_trl.py", "packing.py", "quant_memory.py", "qlora_table.py", "ppo_one_base.py", "data_parallel.py"]
+    scripts = ["sft_vs_trl.py", "packing.py", "quant_memory.py", "qlora_table.py", "ppo_one_base.py",
+               "data_parallel.py"]
     if args.only:
         scripts = [s for s in scripts if s in args.only]
     started, load_start = time.strftime("%Y-%m-%d %H:%M"), load_average()
@@ -71,7 +75,8 @@ def main() -> None:
         print(f"== {script} {' '.join(extra)} (load {before})", flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             json_arg = [] if script == "ppo_one_base.py" else ["--json", f.name]  # ppo_one_base prints a table
-            out = subprocess.run([sys.executable, str(HERE / script), *extra, *json_arg], capture_output=True, text=True,
+            out = subprocess.run([sys.executable, str(HERE / script), *extra, *json_arg], capture_output=True,
+                                 text=True,
                                  env={**os.environ, **ENV}, cwd=ROOT)
             if out.returncode:
                 sys.exit(f"{script} failed:\n{out.stderr[-4000:]}")
@@ -80,13 +85,18 @@ def main() -> None:
                 res = json.loads(Path(f.name).read_text())
                 body = f"{res['title']}\n\n{res['table']}"
                 if "overhead" in res:
-                    body += f"\n\nrlhf's overhead in training throughput (CPU time of train()): {res['overhead']:+.1%} (goal: under 5%)"
+                    body += (f"\n\nrlhf's overhead in training throughput (CPU time of train()): "
+                             f"{res['overhead']:+.1%} (goal: under 5%)")
             else:
                 body = "```\n" + out.stdout.strip() + "\n```"
-        parts.append(f"### {script}\n\n{body}\n\n_{time.time() - t:.0f} s; load average before {before}, after {load_average()}_")
-    header = (f"# Benchmark results\n\nRun {started} with `python benchmarks/run_all.py{' --quick' if args.quick else ''}`"
-              f" on {info['cpu']} ({info['cores']} cores), {info['threads']} thread per process, torch {info['torch']}, "
-              f"Python {info['python']}, GPU: {info['gpu'] or 'none'}. Load average (1/5/15 min, as uptime prints it) at the start: "
+        parts.append(f"### {script}\n\n{body}\n\n_{time.time() - t:.0f} s; load average before {before}, after "
+                     f"{load_average()}_")
+    header = (f"# Benchmark results\n\nRun {started} with `python "
+              f"benchmarks/run_all.py{' --quick' if args.quick else ''}`"
+              f" on {info['cpu']} ({info['cores']} cores), {info['threads']} thread per process, torch "
+              f"{info['torch']}, "
+              f"Python {info['python']}, GPU: {info['gpu'] or 'none'}. Load average (1/5/15 min, as uptime prints it) "
+              "at the start: "
               f"{load_start}; other engineers' processes shared the machine.\n")
     anchors = "### rlhf estimate against published figures\n\n" + estimate_anchors()
     Path(args.output).write_text(header + "\n" + "\n\n".join(parts + [anchors]) + "\n")

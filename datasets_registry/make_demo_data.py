@@ -31,8 +31,10 @@ SIZES = {  # rows per file
 }
 
 QUESTIONS = {
-    "after": ["What number comes after {n}?", "What comes right after {n}?", "What is one more than {n}?", "Which number follows {n}?"],
-    "before": ["What number comes before {n}?", "What comes right before {n}?", "What is one less than {n}?", "Which number precedes {n}?"],
+    "after": ["What number comes after {n}?", "What comes right after {n}?", "What is one more than {n}?",
+              "Which number follows {n}?"],
+    "before": ["What number comes before {n}?", "What comes right before {n}?", "What is one less than {n}?",
+               "Which number precedes {n}?"],
 }
 # Prose for the corpus ({m} is the answer).
 FACTS = {
@@ -84,7 +86,8 @@ def split_facts(rng: random.Random) -> dict[str, list[Fact]]:
     facts = all_facts()
     rng.shuffle(facts)
     n_sft, n_rl = round(SPLIT["sft"] * len(facts)), round(SPLIT["rl"] * len(facts))
-    return {"sft": sorted(facts[:n_sft]), "rl": sorted(facts[n_sft : n_sft + n_rl]), "eval": sorted(facts[n_sft + n_rl :])}
+    return {"sft": sorted(facts[:n_sft]), "rl": sorted(facts[n_sft : n_sft + n_rl]),
+            "eval": sorted(facts[n_sft + n_rl :])}
 
 
 def question(rng: random.Random, fact: Fact) -> dict:
@@ -115,7 +118,8 @@ def corpus_line(rng: random.Random, quiz_facts: list[Fact]) -> str:
     if r < 0.75:
         fmt = rng.choice(QUIZ)
         rows = [question(rng, rng.choice(quiz_facts)) for _ in range(rng.randint(1, 3))]
-        return rng.choice([" ", "\n"]).join(fmt.format(q=q["instruction"], gap=rng.choice(GAPS), a=q["answer"]) for q in rows)
+        return rng.choice([" ", "\n"]).join(fmt.format(q=q["instruction"], gap=rng.choice(GAPS),
+                                                       a=q["answer"]) for q in rows)
     words = dict(n=rng.choice(NOUNS), n2=rng.choice(NOUNS), v=rng.choice(VERBS), j=rng.choice(ADJS),
                  j2=rng.choice(ADJS), p=rng.choice(PLACES), k=rng.randint(2, 99))
     return " ".join(rng.choice(FILLER).format(**words) for _ in range(rng.randint(1, 2)))
@@ -125,13 +129,15 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
     """Every demo file's rows, by file name (without .jsonl)."""
     rng = random.Random(seed)
     facts = split_facts(rng)
-    files: dict[str, list[dict]] = {"demo_corpus": [{"text": corpus_line(rng, facts["sft"])} for _ in range(SIZES["demo_corpus"])]}
+    corpus = [{"text": corpus_line(rng, facts["sft"])} for _ in range(SIZES["demo_corpus"])]
+    files: dict[str, list[dict]] = {"demo_corpus": corpus}
     parts = {"": (facts["sft"], facts["sft"] + facts["rl"], facts["rl"]), "_eval": (facts["eval"],) * 3}
     for suffix, (sft_facts, pref_facts, rl_facts) in parts.items():
         sft, pref, prompts = [], [], []
         for _ in range(SIZES["demo_sft" + suffix]):
             q = question(rng, rng.choice(sft_facts))
-            sft.append({"instruction": q["instruction"], "input": q["input"], "output": q["answer"], "answer": q["answer"]})
+            sft.append({"instruction": q["instruction"], "input": q["input"], "output": q["answer"],
+                        "answer": q["answer"]})
         for _ in range(SIZES["demo_pref" + suffix]):
             fact = rng.choice(pref_facts)
             q = question(rng, fact)
@@ -157,7 +163,8 @@ def write(out_dir: str | Path = DATA_DIR, seed: int = 0) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out-dir", default=str(DATA_DIR), help="folder to write the .jsonl files into (default: the shipped data/)")
+    ap.add_argument("--out-dir", default=str(DATA_DIR),
+                    help="folder to write the .jsonl files into (default: the shipped data/)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (the shipped files use 0)")
     args = ap.parse_args(argv)
     for p in write(args.out_dir, args.seed):

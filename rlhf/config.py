@@ -47,24 +47,37 @@ def opt(default, help: str, **kw):
 class ModelConfig:
     """How the one loader builds the model (rlhf/loader.py)."""
 
-    model_name_or_path: str = opt("", "Base model: a local folder or a hub id. RM/PPO take it from the parent stage when empty.")
+    model_name_or_path: str = opt("", "Base model: a local folder or a hub id. RM/PPO take it from the parent stage "
+                                      "when empty.")
     trust_remote_code: bool = opt(False, "Allow custom modelling code from the model folder/hub.")
-    dtype: str = opt("auto", "Weights dtype: auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), float32, bfloat16, float16.", choices=["auto", "float32", "bfloat16", "float16"])
-    attn_implementation: str | None = opt(None, "Attention kernel: eager, sdpa, flash_attention_2 (None: transformers' default).")
-    quantization: str = opt("auto", "Quantize the frozen base with bitsandbytes: 4bit (QLoRA), 8bit, none, or auto (rm/ppo: as the parent SFT folder was trained, with its 4-bit settings; sft/pt: none).", choices=["auto", "none", "4bit", "8bit"])
+    dtype: str = opt("auto", "Weights dtype: auto (bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU), "
+                             "float32, bfloat16, float16.", choices=["auto", "float32", "bfloat16", "float16"])
+    attn_implementation: str | None = opt(None, "Attention kernel: eager, sdpa, flash_attention_2 (None: transformers' "
+                                                "default).")
+    quantization: str = opt("auto", "Quantize the frozen base with bitsandbytes: 4bit (QLoRA), 8bit, none, or auto "
+                                    "(rm/ppo: as the parent SFT folder was trained, with its 4-bit settings; sft/pt: "
+                                    "none).", choices=["auto", "none", "4bit", "8bit"])
     bnb_4bit_quant_type: str = opt("nf4", "4-bit data type: nf4 or fp4.", choices=["nf4", "fp4"])
-    bnb_4bit_use_double_quant: bool = opt(True, "Quantize the 4-bit quantization constants too (QLoRA double quantization).")
-    bnb_4bit_compute_dtype: str = opt("auto", "dtype of 4-bit matmuls: auto (same as dtype), float32, bfloat16, float16.", choices=["auto", "float32", "bfloat16", "float16"])
-    finetuning_type: str = opt("lora", "lora (adapters on a frozen, possibly quantized base), full (every weight), or freeze (only the last freeze_trainable_layers blocks).", choices=["lora", "full", "freeze"])
+    bnb_4bit_use_double_quant: bool = opt(True,
+                                          "Quantize the 4-bit quantization constants too (QLoRA double quantization).")
+    bnb_4bit_compute_dtype: str = opt("auto", "dtype of 4-bit matmuls: auto (same as dtype), float32, bfloat16, "
+                                              "float16.", choices=["auto", "float32", "bfloat16", "float16"])
+    finetuning_type: str = opt("lora", "lora (adapters on a frozen, possibly quantized base), full (every weight), or "
+                                       "freeze (only the last freeze_trainable_layers blocks).",
+                                       choices=["lora", "full", "freeze"])
     freeze_trainable_layers: int = opt(2, "With finetuning_type=freeze: how many of the last transformer blocks train.")
     lora_r: int = opt(8, "LoRA rank.")
     lora_alpha: int = opt(16, "LoRA alpha (scaling = alpha / r).")
     lora_dropout: float = opt(0.05, "Dropout on the LoRA input.")
-    lora_target: list[str] = opt(["auto"], "Modules that get LoRA: auto (per-architecture default), all-linear, or names such as q_proj,v_proj.")
+    lora_target: list[str] = opt(["auto"], "Modules that get LoRA: auto (per-architecture default), all-linear, or "
+                                           "names such as q_proj,v_proj.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass to save memory.")
-    gradient_checkpointing_reentrant: bool = opt(False, "With gradient_checkpointing: torch's reentrant implementation (use_reentrant=True) instead of the non-reentrant default.")
-    attention_softmax_fp32: bool = opt(False, "Stability (full-parameter training): attention scores and softmax in fp32 (GLM-130B). Costs memory and speed.")
-    embedding_gradient_scale: float = opt(1.0, "Stability (full-parameter training): scale the embedding layer's gradient, emb*a + emb.detach()*(1-a) (GLM-130B: 0.1); 1.0 is off.")
+    gradient_checkpointing_reentrant: bool = opt(False, "With gradient_checkpointing: torch's reentrant implementation "
+                                                        "(use_reentrant=True) instead of the non-reentrant default.")
+    attention_softmax_fp32: bool = opt(False, "Stability (full-parameter training): attention scores and softmax in "
+                                              "fp32 (GLM-130B). Costs memory and speed.")
+    embedding_gradient_scale: float = opt(1.0, "Stability (full-parameter training): scale the embedding layer's "
+                                               "gradient, emb*a + emb.detach()*(1-a) (GLM-130B: 0.1); 1.0 is off.")
 
 
 def stage_model_config(manifest_config: dict, *, trust_remote_code: bool = False, **overrides) -> ModelConfig:
@@ -99,14 +112,19 @@ def inherit_quantization(cfg, parent: dict | None, folder: str | None = None) ->
 class DataConfig:
     """Which data, and how it becomes tokens (rlhf/data.py, rlhf/templates.py)."""
 
-    dataset: list[str] = opt([], "Registry names or file paths (jsonl/json/csv/parquet); several mix. `rlhf datasets list` shows the names.")
+    dataset: list[str] = opt([], "Registry names or file paths (jsonl/json/csv/parquet); several mix. `rlhf datasets "
+                                 "list` shows the names.")
     eval_dataset: list[str] = opt([], "Held-out datasets; empty: split val_size off the training data.")
-    registry_file: str | None = opt(None, "Your own registry file (YAML/JSON, or LLaMA-Factory's dataset_info.json), merged over the built-in one.")
-    template: str = opt("auto", "Chat template: auto (the tokenizer's own, else chatml), own (the tokenizer's), or a built-in name: alpaca, chatml, llama3.", choices=["auto", "own", *TEMPLATES])
+    registry_file: str | None = opt(None, "Your own registry file (YAML/JSON, or LLaMA-Factory's dataset_info.json), "
+                                          "merged over the built-in one.")
+    template: str = opt("auto", "Chat template: auto (the tokenizer's own, else chatml), own (the tokenizer's), or a "
+                                "built-in name: alpaca, chatml, llama3.", choices=["auto", "own", *TEMPLATES])
     max_length: int = opt(1024, "Longest tokenized example; longer ones are truncated.")
     num_samples: int | None = opt(None, "Use at most this many rows of each dataset.")
-    val_size: float = opt(0.0, "Share (0-1) or count (>=1) of training rows held out for eval when eval_dataset is empty.")
-    skip_invalid_rows: bool = opt(False, "Skip rows that fail validation (and report how many) instead of stopping at the first.")
+    val_size: float = opt(0.0,
+                          "Share (0-1) or count (>=1) of training rows held out for eval when eval_dataset is empty.")
+    skip_invalid_rows: bool = opt(False, "Skip rows that fail validation (and report how many) instead of stopping at "
+                                         "the first.")
 
 
 @dataclass
@@ -121,11 +139,13 @@ class TrainConfig:
     per_device_train_batch_size: int = opt(4, "Training micro-batch size per device.")
     per_device_eval_batch_size: int = opt(8, "Eval batch size per device.")
     gradient_accumulation_steps: int = opt(1, "Micro-batches per optimizer step.")
-    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule: linear, cosine, constant, constant_with_warmup, ...")
+    lr_scheduler_type: str = opt("cosine",
+                                 "Learning-rate schedule: linear, cosine, constant, constant_with_warmup, ...")
     warmup_ratio: float = opt(0.0, "Share of steps for linear warm-up.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this value.")
-    optim: str = opt("adamw_torch", "Optimizer: adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, sgd, adafactor.")
+    optim: str = opt("adamw_torch",
+                     "Optimizer: adamw_torch, adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, sgd, adafactor.")
     bf16: bool = opt(False, "bf16 mixed precision.")
     fp16: bool = opt(False, "fp16 mixed precision.")
     logging_steps: int = opt(10, "Log every N optimizer steps.")

@@ -119,7 +119,8 @@ def _read_registry(path: Path) -> dict[str, dict]:
     for name, entry in raw.items():
         if not isinstance(entry, dict):
             raise DataError(f"{path}: dataset '{name}': expected a mapping of keys (source, path, format, ...)")
-        lf = "format" not in entry and any(k in entry for k in ("file_name", "hf_hub_url", "ms_hub_url", "script_url", "formatting", "ranking"))
+        lf = "format" not in entry and any(k in entry for k in ("file_name", "hf_hub_url", "ms_hub_url", "script_url",
+                                                                "formatting", "ranking"))
         out[str(name)] = _from_llamafactory(name, entry, path) if lf else _check_entry(name, entry, path)
     return out
 
@@ -238,7 +239,8 @@ def held_out_split(total: int, val_size: float, seed: int) -> tuple[list[int], l
 
 def check_names(cfg) -> None:
     """Before any model loads: every dataset a stage config names is registered or a file (else DataError)."""
-    names, registry_file = [*getattr(cfg, "dataset", []), *getattr(cfg, "eval_dataset", [])], getattr(cfg, "registry_file", None)
+    names = [*getattr(cfg, "dataset", []), *getattr(cfg, "eval_dataset", [])]
+    registry_file = getattr(cfg, "registry_file", None)
     registry = load_registry(registry_file) if names else {}
     for name in names:
         _entry(name, registry, registry_file)
@@ -338,7 +340,8 @@ def _jsonl_rows(path: Path):
             except json.JSONDecodeError as e:
                 yield i, _RowError(None, f"not valid JSON ({e.msg} at column {e.colno}); fix or delete the line")
                 continue
-            yield i, row if isinstance(row, dict) else _RowError(None, f"expected a JSON object, got {type(row).__name__}")
+            yield i, row if isinstance(row, dict) else _RowError(None,
+                                                                 f"expected a JSON object, got {type(row).__name__}")
 
 
 def _hub_rows(entry: dict, split: str):
@@ -513,7 +516,8 @@ def _prompt_messages(r: _Row) -> tuple[list[dict], str | None]:
             msgs = []
             history = r.get("history") or []
             if not isinstance(history, list):
-                raise _RowError(r.col("history"), f"expected a list of [user, assistant] pairs, got {type(history).__name__}")
+                raise _RowError(r.col("history"),
+                                f"expected a list of [user, assistant] pairs, got {type(history).__name__}")
             for k, pair in enumerate(history, 1):
                 if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
                     raise _RowError(r.col("history"), f"history item {k} must be a [user, assistant] pair of strings")
@@ -580,7 +584,8 @@ def _convert(r: _Row, kind: str) -> dict:
         return {"text": r.text("text", required=True, what="text")}
     if fmt == "preference":
         prompt, chosen, rejected = _preference(r)
-        return {"messages": prompt} if kind == "prompt" else {"messages": prompt, "chosen": chosen, "rejected": rejected}
+        return {"messages": prompt} if kind == "prompt" else {"messages": prompt, "chosen": chosen,
+                                                              "rejected": rejected}
     if fmt == "conversation":
         mcol = r.col("messages", "conversations", "messages") or "conversations"
         msgs = _parse_messages(r.get("messages", "conversations", "messages", required=True), mcol, r.tags)
@@ -699,9 +704,11 @@ def _load_one(entry: dict, kind: str, where: str, num_samples, skip_invalid, see
 
 def _check_kind(entry: dict, kind: str):
     if entry["format"] not in KINDS[kind]:
-        stage = {"text": "pre-training", "sft": "SFT", "preference": "reward modelling", "prompt": "PPO (prompts)"}[kind]
+        stage = {"text": "pre-training", "sft": "SFT", "preference": "reward modelling",
+                 "prompt": "PPO (prompts)"}[kind]
         raise FormatError(f"dataset '{entry['name']}' has format '{entry['format']}', but {stage} takes "
-                        f"{' or '.join(KINDS[kind])} datasets; choose another dataset (`rlhf datasets list` shows formats)")
+                        f"{' or '.join(KINDS[kind])} datasets; choose another dataset (`rlhf datasets list` shows "
+                        "formats)")
 
 
 # ---------------------------------------------------------------------------
@@ -719,7 +726,8 @@ def describe(name: str, registry_file: str | None = None) -> str:
     e = _entry(name, registry, registry_file)
     lines = [f"name:        {name}"]
     if e["source"] == "hub":
-        src = f"hub {e['hub_id']}" + (f" (subset {e['subset']})" if e.get("subset") else "") + f", split {e.get('split', 'train')}"
+        subset = f" (subset {e['subset']})" if e.get("subset") else ""
+        src = f"hub {e['hub_id']}{subset}, split {e.get('split', 'train')}"
         if e.get("data_files"):
             src += f", data_files {e['data_files']}"
     else:

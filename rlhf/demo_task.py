@@ -47,14 +47,16 @@ def extract_answer(response: str) -> str:
 def score(meta: dict, response: str) -> float:
     """1.0 if ``response`` answers the row ``meta`` (which has an ``answer`` key) correctly, else 0.0."""
     if "answer" not in meta:
-        raise KeyError(f"demo_task.score: the row has no 'answer' key (keys: {sorted(meta)}); demo rows keep the reference answer there")
+        raise KeyError(f"demo_task.score: the row has no 'answer' key (keys: {sorted(meta)}); demo rows keep the "
+                       "reference answer there")
     return 1.0 if extract_answer(response) == str(meta["answer"]).strip() else 0.0
 
 
 def task_metric(rows: list[dict], responses: list[str]) -> float:
     """Share of ``responses`` that answer their row correctly (rows[i] goes with responses[i])."""
     if len(rows) != len(responses):
-        raise ValueError(f"demo_task.task_metric: {len(rows)} rows but {len(responses)} responses; give one response per row")
+        raise ValueError(f"demo_task.task_metric: {len(rows)} rows but {len(responses)} responses; give one response "
+                         "per row")
     if not rows:
         raise ValueError("demo_task.task_metric: no rows to score")
     return sum(score(r, s) for r, s in zip(rows, responses)) / len(rows)

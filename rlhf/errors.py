@@ -32,7 +32,8 @@ class DiskError(RlhfError, OSError):
 
 
 _WHY = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
-        errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+        errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied"}
 _LOW = 1 << 20  # bytes: a folder with less free space than this is full for any stage
 
 

@@ -42,7 +42,8 @@ torch.autograd.graph.saved_tensors_hooks:
           + A*h per distinct input of the adapted layers (without dropout); per adapted layer A*r (the A output), and
           with lora_dropout > 0 a dropped copy of its input (A*d_in) and the mask (1*d_in)
   QLoRA   as LoRA; bitsandbytes' int8 matmul also keeps every linear layer's input, A*(3h + I)
-  eager attention: q, k, v and the probabilities, A*(h + 2k) + a*s*(4 + A) (softmax in fp32, then cast) -- quadratic in s.
+  eager attention: q, k, v and the probabilities, A*(h + 2k) + a*s*(4 + A) (softmax in fp32, then cast) --
+          quadratic in s.
   Gradient checkpointing keeps only each layer's input (A*h) and recomputes one layer at a time.
 Outside the layers, per token: the final norm, and the loss's peak -- fp32 log-softmax, its gradient and the logits'
 gradient (4V each) and, in 16-bit, the gradient cast back (A*V). Inside one layer's backward: gradients of its input
@@ -92,7 +93,8 @@ METHOD_HELP = {
     "qlora_4bit": "QLoRA 4-bit NF4 + double quant",
 }
 OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd")
-GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "phi3", "olmo", "olmo2", "deepseek", "yi", "baichuan", "internlm", "internlm2"}
+GATED = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "mixtral", "phi3", "olmo", "olmo2", "deepseek", "yi",
+         "baichuan", "internlm", "internlm2"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,7 +132,8 @@ class Shape:
         if self.arch in ("gpt_neox", "bloom"):
             mlp = ("dense_h_to_4h", h, i), ("dense_4h_to_h", i, h)
             return [("query_key_value", h, 3 * h), ("dense", h, h), *mlp]
-        mlp = [("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)] if self.gated else [("up_proj", h, i), ("down_proj", i, h)]
+        gate = [("gate_proj", h, i)] if self.gated else []
+        mlp = [*gate, ("up_proj", h, i), ("down_proj", i, h)]
         return [("q_proj", h, h), ("k_proj", h, k), ("v_proj", h, k), ("o_proj", h, h), *mlp]
 
     def linear_params(self) -> int:
@@ -187,7 +190,8 @@ def shape_from_config(cfg: dict, name: str = "model") -> Shape:
         heads=heads,
         kv_heads=int(cfg.get("num_key_value_heads") or heads),
         intermediate=int(inter),
-        gated=arch == "llama" and (mt in GATED or "intermediate_size" in cfg and mt not in ("gpt2", "gpt_neox", "bloom", "opt")),
+        gated=arch == "llama" and (mt in GATED or "intermediate_size" in cfg
+                                   and mt not in ("gpt2", "gpt_neox", "bloom", "opt")),
         tied=bool(cfg.get("tie_word_embeddings", arch in ("gpt2", "bloom"))),
         arch=arch,
         norm="rms" if arch == "llama" else "layer",
@@ -212,14 +216,15 @@ def load_shape(model: str) -> Shape:
             raise ConfigError(f"{p}: not valid JSON ({e})") from None
         return shape_from_config(cfg, str(model))
     if Path(model).expanduser().exists():
-        raise ConfigError(f"{model}: no config.json there; give a transformers model folder, a config.json or a named size")
+        raise ConfigError(f"{model}: no config.json there; give a transformers model folder, a config.json or a named "
+                          "size")
     try:
         from transformers import AutoConfig
 
         return shape_from_config(AutoConfig.from_pretrained(model).to_dict(), model)
     except Exception as e:  # noqa: BLE001 - the hub may be unreachable: say what the choices are
-        raise ConfigError(f"'{model}' is not a named size ({', '.join(sorted(NAMED))}), a model folder or a config.json, "
-                         f"and its hub config could not be read ({type(e).__name__}: {e})") from None
+        raise ConfigError(f"'{model}' is not a named size ({', '.join(sorted(NAMED))}), a model folder or a "
+                          f"config.json, and its hub config could not be read ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +257,8 @@ class Setup:
     lora_target: list[str] = _knob(ModelConfig, "lora_target")
     lora_dropout: float = _knob(ModelConfig, "lora_dropout")
     double_quant: bool = _knob(ModelConfig, "bnb_4bit_use_double_quant")
-    attn: str = "sdpa"  # attn_implementation: sdpa (transformers' default) / flash_attention_2 (no stored scores) or eager
+    # attn_implementation: sdpa (transformers' default) / flash_attention_2 (no stored scores) or eager
+    attn: str = "sdpa"
     act_bytes: int | None = None  # activation width; None: 4 for full_fp32, else 2 (16-bit compute)
     base_bytes: int | None = None  # width of unquantized frozen/full weights; None: as the method says (4 on a CPU run)
     device: str = "cuda"  # cuda: foreach AdamW temporary; cpu: per-tensor loop
@@ -339,7 +345,8 @@ def lora_modules(shape: Shape, target) -> list[tuple[str, int, int]]:
         target = DEFAULT_LORA_TARGETS.get(shape.arch, DEFAULT_LORA_TARGETS["llama"])  # llama-named layers
     chosen = [m for m in lin if m[0] in target or m[0].rsplit(".", 1)[-1] in target]
     if not chosen:
-        raise ConfigError(f"lora_target {target} matches no linear layer of {shape.name}; its layers: {', '.join(m[0] for m in lin)}")
+        raise ConfigError(f"lora_target {target} matches no linear layer of {shape.name}; its layers: "
+                          f"{', '.join(m[0] for m in lin)}")
     return chosen
 
 
@@ -398,7 +405,7 @@ def activation_bytes(shape: Shape, setup: Setup, tokens: int | None = None, seq_
     s = seq_len or setup.seq_len
     tokens = tokens or setup.batch_size * s
     logits_tokens = tokens if logits_tokens is None else logits_tokens
-    A, h, V = _act_width(setup), shape.hidden, shape.vocab
+    A, h = _act_width(setup), shape.hidden
     one = layer_activations(shape, setup, tokens, s)
     full = setup.method.startswith("full")
     final_norm = tokens * ((4 if shape.norm == "rms" else A) * h + (2 * A * h if full else A * h))
@@ -484,7 +491,6 @@ def estimate_rm(shape: Shape, setup: Setup) -> Estimate:
     s2 = replace(setup, batch_size=2 * setup.batch_size)
     tokens = s2.batch_size * s2.seq_len
     e = estimate(shape, s2, tokens=tokens)
-    A, V = _act_width(setup), shape.vocab
     e.activations -= tokens * logit_bytes(shape, s2)  # a score head: no logits over the vocabulary
     e.weights += (4 if not setup.method.startswith("full") else 0) * shape.hidden  # the score head (fp32, trained)
     return e
@@ -505,7 +511,8 @@ def estimate_ppo(shape: Shape, setup: Setup, *, prompt_len: int = 256, response_
         raise ConfigError(f"value_model '{value_model}' is not known; use adapter or shared")
     full = setup.method.startswith("full")
     if full and design == "one_base":
-        raise ConfigError("the one-base design needs LoRA adapters; full fine-tuning in PPO means separate models (four_copies)")
+        raise ConfigError("the one-base design needs LoRA adapters; full fine-tuning in PPO means separate models "
+                          "(four_copies)")
     seq = prompt_len + response_len
     e = estimate(shape, replace(setup, seq_len=seq))
     e.activations -= setup.batch_size * prompt_len * logit_bytes(shape, setup)  # logits of the response positions only
@@ -565,7 +572,8 @@ def propose(shape: Shape, gpu_bytes: float, stage: str = "sft", batch_size: int 
         for gc in (False, True):
             for mb in micro:
                 for optim in ("adamw_torch", "paged_adamw_8bit"):
-                    s = replace(base, method=method, gradient_checkpointing=gc, batch_size=mb, seq_len=seq_len, optim=optim,
+                    s = replace(base, method=method, gradient_checkpointing=gc, batch_size=mb, seq_len=seq_len,
+                                optim=optim,
                                 gradient_accumulation_steps=math.ceil(batch_size / mb), act_bytes=None, base_bytes=None)
                     e = stage_estimate(stage, shape, s, **ppo)
                     if best_small is None or e.peak < best_small[1].peak:
@@ -579,7 +587,8 @@ def setup_to_config(s: Setup, stage: str = "sft") -> dict:
     """The config keys (rlhf/config.py, stages/ppo.py) that give ``s``."""
     out = {}
     if s.method.startswith("full"):
-        out.update(finetuning_type="full", quantization="none", bf16=s.method != "full_fp32", dtype="bfloat16" if s.method == "full_16bit" else "float32")
+        out.update(finetuning_type="full", quantization="none", bf16=s.method != "full_fp32",
+                   dtype="bfloat16" if s.method == "full_16bit" else "float32")
     else:
         out.update(finetuning_type="lora", quantization=QUANT_OF[s.method], bf16=True, lora_r=s.lora_r)
         if s.method == "qlora_4bit":
@@ -697,14 +706,17 @@ def table(stage: str, shape: Shape, base: Setup, **ppo) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for method in METHODS:
         for gc in (False, True):
-            s = replace(base, method=method, gradient_checkpointing=gc, optim="adamw_torch", act_bytes=None, base_bytes=None)
+            s = replace(base, method=method, gradient_checkpointing=gc, optim="adamw_torch", act_bytes=None,
+                        base_bytes=None)
             try:
                 e = stage_estimate(stage, shape, s, **ppo)
                 e8 = stage_estimate(stage, shape, replace(s, optim="paged_adamw_8bit"), **ppo)
             except ValueError:
                 continue  # e.g. full fine-tuning on one base in PPO
-            rows.append(f"| {METHOD_HELP[method]} | {'yes' if gc else 'no'} | {_gib(e.weights)} | {_gib(e.gradients)} | "
+            rows.append(f"| {METHOD_HELP[method]} | {'yes' if gc else 'no'} | {_gib(e.weights)} | "
+                        f"{_gib(e.gradients)} | "
                         f"{_gib(e.optimizer)} | {_gib(e.activations)} | {_gib(e.peak)} | {_gib(e8.peak)} |")
-    rows.append("\nTotals are peaks: the weights and optimizer state, plus the larger of the activations (the backward's start) "
-                "and the gradients with the optimizer step's temporary (torch's foreach AdamW: 4 B per trainable parameter).")
+    rows.append("\nTotals are peaks: the weights and optimizer state, plus the larger of the activations (the "
+                "backward's start) and the gradients with the optimizer step's temporary (torch's foreach AdamW: 4 B "
+                "per trainable parameter).")
     return "\n".join(rows)

@@ -25,7 +25,8 @@ FP32_ATTENTION = "rlhf_fp32"
 FP32_SOFTMAX_ALREADY = {"bloom"}  # its own attention upcasts the softmax (and does not use AttentionInterface)
 
 
-def fp32_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+def fp32_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None,
+                           **kwargs):
     """transformers' eager attention, computed in fp32 and returned in the query's dtype.
 
     query: (batch, heads, q_len, head_dim); key/value: (batch, kv_heads, k_len, head_dim) -> ((batch, q_len, heads,
@@ -55,7 +56,8 @@ def _register() -> None:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
     AttentionInterface.register(FP32_ATTENTION, fp32_attention_forward)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(FP32_ATTENTION, eager_mask)  # an additive float mask, as eager attention takes
+    # an additive float mask, as eager attention takes
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FP32_ATTENTION, eager_mask)
 
 
 def _base(model):
@@ -72,7 +74,8 @@ def use_fp32_attention(model) -> None:
         return
     base.set_attn_implementation(FP32_ATTENTION)
     if base.config._attn_implementation != FP32_ATTENTION:
-        raise ConfigError(f"attention_softmax_fp32: {type(base).__name__} does not route its attention through transformers' "
+        raise ConfigError(f"attention_softmax_fp32: {type(base).__name__} does not route its attention through "
+                          "transformers' "
                          f"AttentionInterface, so its softmax cannot be moved to fp32 (it stays '{before}'); "
                          f"set attention_softmax_fp32: false for this architecture")
     log.info("attention in fp32 (was %s)", before)
@@ -84,7 +87,8 @@ def shrink_embedding_gradient(model, alpha: float):
         raise ConfigError(f"embedding_gradient_scale must be in (0, 1] (1 is off), got {alpha}")
     emb = model.get_input_embeddings()
     if not any(p.requires_grad for p in emb.parameters()):
-        log.warning("embedding_gradient_scale=%s: the embedding layer is frozen (LoRA?), so there is no gradient to shrink", alpha)
+        log.warning("embedding_gradient_scale=%s: the embedding layer is frozen (LoRA?), so there is no gradient to "
+                    "shrink", alpha)
 
     def hook(module, inputs, out):
         return out * alpha + out.detach() * (1 - alpha)

@@ -31,7 +31,8 @@ def sample_texts(n: int = 200, seed: int = 0) -> list[str]:
         elif kind == 1:
             out.append(f"What is {a} plus {b}? The answer is {a + b}.")
         elif kind == 2:
-            out.append(f"There are {a} {rng.choice(_NOUNS)}s and {b} {rng.choice(_ADJS)} {rng.choice(_NOUNS)}s in the {rng.choice(_NOUNS)}.")
+            out.append(f"There are {a} {rng.choice(_NOUNS)}s and {b} {rng.choice(_ADJS)} {rng.choice(_NOUNS)}s in the "
+                       f"{rng.choice(_NOUNS)}.")
         else:
             out.append(f"Please write a {rng.choice(_ADJS)} story about a {rng.choice(_NOUNS)} in {a} words.")
     return out
@@ -95,7 +96,8 @@ def tiny_config(
                       max_position_embeddings=max_positions, tie_word_embeddings=False)
     elif arch == "gpt2":
         cls = tf.GPT2Config
-        fields = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions, n_inner=inter)
+        fields = dict(n_embd=hidden_size, n_layer=num_layers, n_head=num_heads, n_positions=max_positions,
+                      n_inner=inter)
     elif arch == "gpt_neox":
         cls = tf.GPTNeoXConfig
         fields = dict(hidden_size=hidden_size, intermediate_size=inter, num_hidden_layers=num_layers,

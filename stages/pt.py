@@ -53,23 +53,29 @@ class PTConfig:
     overwrite_output_dir: bool = _same(TrainConfig, "overwrite_output_dir")
     # the model
     arch: str = opt("llama", "Architecture of the new model.", choices=ARCHS)
-    split_digits: bool = opt(True, "Tokenize numbers digit by digit, as Llama and Qwen2 do (demo, 64x2 model: LoRA SFT held-out metric 0.88 with it, 0.65 without).")
-    vocab_size: int = opt(512, "Size of the byte-level BPE vocabulary trained on the corpus (at least 259: bytes and special tokens).")
+    split_digits: bool = opt(True, "Tokenize numbers digit by digit, as Llama and Qwen2 do (demo, 64x2 model: LoRA SFT "
+                                   "held-out metric 0.88 with it, 0.65 without).")
+    vocab_size: int = opt(512, "Size of the byte-level BPE vocabulary trained on the corpus (at least 259: bytes and "
+                               "special tokens).")
     hidden_size: int = opt(128, "Width of the model.")
     num_layers: int = opt(2, "Number of transformer blocks.")
     num_heads: int = opt(4, "Attention heads (must divide hidden_size).")
     block_size: int = opt(64, "Tokens per training window (windows are cut from the concatenated corpus).")
-    max_position_embeddings: int = opt(256, "Longest sequence the model can take (later stages' prompt + response must fit).")
+    max_position_embeddings: int = opt(256, "Longest sequence the model can take (later stages' prompt + response must "
+                                            "fit).")
 
     def validate(self):
         from rlhf.config import ConfigError
 
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; pick sizes that divide")
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; pick "
+                              "sizes that divide")
         if self.vocab_size < 259:
-            raise ConfigError(f"vocab_size {self.vocab_size} is too small: the 256 bytes and 3 special tokens need 259; use 512 or more")
+            raise ConfigError(f"vocab_size {self.vocab_size} is too small: the 256 bytes and 3 special tokens need "
+                              "259; use 512 or more")
         if self.block_size > self.max_position_embeddings:
-            raise ConfigError(f"block_size {self.block_size} exceeds max_position_embeddings {self.max_position_embeddings}; raise the latter")
+            raise ConfigError(f"block_size {self.block_size} exceeds max_position_embeddings "
+                              f"{self.max_position_embeddings}; raise the latter")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("set max_steps > 0 or num_train_epochs > 0")
 
@@ -78,7 +84,8 @@ def load_texts(cfg: PTConfig) -> list[str]:
     """The corpus lines of ``cfg.dataset`` (registry names or .jsonl/.txt paths)."""
     from rlhf.data import load_examples
 
-    rows = load_examples(cfg.dataset, kind="text", registry_file=cfg.registry_file, num_samples=cfg.num_samples, seed=cfg.seed)
+    rows = load_examples(cfg.dataset, kind="text", registry_file=cfg.registry_file, num_samples=cfg.num_samples,
+                         seed=cfg.seed)
     return [r["text"] for r in rows]
 
 
@@ -177,8 +184,10 @@ def run(cfg: PTConfig) -> str:
     held, rest = held_out_split(len(texts), cfg.val_size, cfg.seed)
     eval_texts, train_texts = [texts[i] for i in held], [texts[i] for i in rest]
     if not train_texts:
-        raise DataError(f"dataset {cfg.dataset}: no training lines left (got {len(texts)} lines, val_size {cfg.val_size})")
-    work = prepare_output(cfg.output_dir, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))  # data checked first
+        raise DataError(f"dataset {cfg.dataset}: no training lines left (got {len(texts)} lines, val_size "
+                        f"{cfg.val_size})")
+    # (the data is checked first)
+    work = prepare_output(cfg.output_dir, overwrite=cfg.overwrite_output_dir, requested=to_dict(cfg))
     tokenizer = train_tokenizer(train_texts, str(work), vocab_size=cfg.vocab_size)
     if cfg.split_digits:
         split_digits(tokenizer)
@@ -186,7 +195,8 @@ def run(cfg: PTConfig) -> str:
     train_ids, eval_ids = _pack(tokenizer, train_texts), _pack(tokenizer, eval_texts)
     block = cfg.block_size
     if len(train_ids) <= block + 1:
-        raise DataError(f"dataset {cfg.dataset}: {len(train_ids)} tokens, fewer than one window of block_size {block}; lower block_size")
+        raise DataError(f"dataset {cfg.dataset}: {len(train_ids)} tokens, fewer than one window of block_size {block}; "
+                        "lower block_size")
 
     # model
     config = tiny_config(cfg.arch, vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
@@ -197,12 +207,15 @@ def run(cfg: PTConfig) -> str:
 
     # optimisation
     bs = cfg.per_device_train_batch_size
-    steps = cfg.max_steps if cfg.max_steps > 0 else max(1, math.ceil(cfg.num_train_epochs * len(train_ids) / (bs * block)))
+    epoch_steps = math.ceil(cfg.num_train_epochs * len(train_ids) / (bs * block))
+    steps = cfg.max_steps if cfg.max_steps > 0 else max(1, epoch_steps)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}],
                               lr=cfg.learning_rate, betas=(0.9, 0.95))
-    sched = get_scheduler(cfg.lr_scheduler_type, optim, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
+    sched = get_scheduler(cfg.lr_scheduler_type, optim, num_warmup_steps=int(cfg.warmup_ratio * steps),
+                          num_training_steps=steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     rows, running = [], []
     t0 = time.time()
@@ -214,7 +227,8 @@ def run(cfg: PTConfig) -> str:
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
         if not torch.isfinite(loss):
             log.close()
-            raise DivergedError(f"pt: loss is {loss.item()} at step {step}; lower learning_rate (now {cfg.learning_rate})")
+            raise DivergedError(f"pt: loss is {loss.item()} at step {step}; lower learning_rate (now "
+                                f"{cfg.learning_rate})")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optim.step()
@@ -238,10 +252,12 @@ def run(cfg: PTConfig) -> str:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(work), safe_serialization=True)
     tokenizer.save_pretrained(str(work))
-    metrics = {"train_loss_first": rows[0]["loss"], "train_loss_last": rows[-1]["loss"], "eval_loss": rows[-1].get("eval_loss"),
-               "steps": steps, "num_parameters": n_params, "train_tokens": len(train_ids), "train_seconds": round(time.time() - t0, 1)}
+    metrics = {"train_loss_first": rows[0]["loss"], "train_loss_last": rows[-1]["loss"],
+               "eval_loss": rows[-1].get("eval_loss"), "steps": steps, "num_parameters": n_params,
+               "train_tokens": len(train_ids), "train_seconds": round(time.time() - t0, 1)}
     (work / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    plot_curves(rows, ["loss", "learning_rate"], work / "training_curves.png", f"pt: {cfg.arch}, {n_params / 1e6:.2f}M parameters")
+    plot_curves(rows, ["loss", "learning_rate"], work / "training_curves.png",
+                f"pt: {cfg.arch}, {n_params / 1e6:.2f}M parameters")
     out = finish_output(work, cfg.output_dir, stage="pt", config=to_dict(cfg), base_model=f"scratch:{cfg.arch}",
                         datasets=fingerprint(cfg.dataset, cfg.registry_file), metrics=metrics, started=started)
     return str(out)

@@ -14,7 +14,8 @@ from rlhf.stages.sft import SFTConfig
 def test_yaml_then_overrides(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("dataset: [demo_sft]\nlearning_rate: 1e-3\nlora_target: q_proj,v_proj\n")
-    cfg = load_config(SFTConfig, str(f), parse_overrides(["--learning-rate", "5e-5", "--bf16=true", "lora_r=16", "--packing"]))
+    cfg = load_config(SFTConfig, str(f),
+                      parse_overrides(["--learning-rate", "5e-5", "--bf16=true", "lora_r=16", "--packing"]))
     assert cfg.learning_rate == 5e-5 and cfg.bf16 is True and cfg.lora_r == 16 and cfg.packing is True
     assert cfg.lora_target == ["q_proj", "v_proj"] and cfg.dataset == ["demo_sft"]
 

@@ -72,14 +72,16 @@ def test_sharegpt_default_tags_and_openai_messages(tmp_path):
 
 
 def test_preference_string_and_conversation_forms_and_hh(tmp_path):
-    ins = jsonl(tmp_path / "p.jsonl", [{"instruction": "Add", "input": "2 3", "chosen": "5", "rejected": "6", "answer": "5"},
+    ins = jsonl(tmp_path / "p.jsonl",
+                [{"instruction": "Add", "input": "2 3", "chosen": "5", "rejected": "6", "answer": "5"},
                                        {"instruction": "JSON?", "chosen": '[{"a": 1}]', "rejected": "{}"}])
     conv = jsonl(tmp_path / "c.jsonl", [{
         "prompt": "Hi", "chosen": [U("Hi"), A("Hello"), U("How?"), A("Well.")],
         "rejected": [U("Hi"), A("Hello"), U("How?"), A("Bad.")]}])
     replies = jsonl(tmp_path / "r.jsonl", [{"prompt": [U("Hi")], "chosen": [A("Hello")], "rejected": [A("Go away")]}])
     hh = jsonl(tmp_path / "hh.jsonl", [{
-        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: Why did the cat sit?",
+        "chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: Why did the cat "
+                  "sit?",
         "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Tell me a joke.\n\nAssistant: No."}])
     e = load_examples([ins], kind="preference")[0]
     assert (e["messages"], e["chosen"], e["rejected"], e["meta"]["answer"]) == ([U("Add\n2 3")], "5", "6", "5")
@@ -119,9 +121,11 @@ def test_csv_json_parquet_and_txt_files(tmp_path):
         w.writeheader()
         w.writerow({"instruction": "Add", "input": "1 1", "output": "2", "history": ""})
         w.writerow({"instruction": "Add", "input": "", "output": "[1, 2]", "history": '[["hi", "hello"]]'})
-    assert load_examples([str(tmp_path / "a.csv")], kind="sft")[1]["messages"] == [U("hi"), A("hello"), U("Add"), A("[1, 2]")]
+    assert load_examples([str(tmp_path / "a.csv")],
+                         kind="sft")[1]["messages"] == [U("hi"), A("hello"), U("Add"), A("[1, 2]")]
     (tmp_path / "a.json").write_text(json.dumps([{"instruction": "Add", "input": "1 1", "output": "2"}]))
-    pq.write_table(pa.Table.from_pylist([{"instruction": "Add", "input": "1 1", "output": "2"}]), tmp_path / "a.parquet")
+    pq.write_table(pa.Table.from_pylist([{"instruction": "Add", "input": "1 1", "output": "2"}]),
+                   tmp_path / "a.parquet")
     for name in ("a.csv", "a.json", "a.parquet"):
         assert load_examples([str(tmp_path / name)], kind="sft")[0]["messages"] == [U("Add\n1 1"), A("2")]
     (tmp_path / "lines.json").write_text('{"text": "a"}\n{"text": "b"}\n')  # JSON lines saved as .json
@@ -132,10 +136,12 @@ def test_csv_json_parquet_and_txt_files(tmp_path):
 
 def test_llamafactory_dataset_info(tmp_path):
     jsonl(tmp_path / "alp.jsonl", [{"q": "Add", "ctx": "2 3", "a": "5", "sys": "S", "hist": [["hi", "hello"]]}])
-    jsonl(tmp_path / "sg.jsonl", [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}])
+    jsonl(tmp_path / "sg.jsonl",
+          [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}])
     jsonl(tmp_path / "oa.jsonl", [{"messages": [S("s"), U("Hi"), A("Yo")]}])
     jsonl(tmp_path / "rank.jsonl", [{"conversations": [{"from": "human", "value": "Hi"}],
-                                     "chosen": {"from": "gpt", "value": "Hello"}, "rejected": {"from": "gpt", "value": "Go"}}])
+                                     "chosen": {"from": "gpt", "value": "Hello"},
+                                     "rejected": {"from": "gpt", "value": "Go"}}])
     jsonl(tmp_path / "arank.jsonl", [{"instruction": "Add", "input": "2 3", "chosen": "5", "rejected": "6"}])
     jsonl(tmp_path / "pt.jsonl", [{"text": "a document"}])
     (tmp_path / "dataset_info.json").write_text(json.dumps({
@@ -206,7 +212,8 @@ def test_splits_and_folders(tmp_path):
 def test_builtin_registry_entries():
     entries = load_registry()
     demo = {"demo_corpus": ("text", "data/demo_corpus.jsonl"), "demo_sft": ("instruction", "data/demo_sft.jsonl"),
-            "demo_sft_eval": ("instruction", "data/demo_sft_eval.jsonl"), "demo_pref": ("preference", "data/demo_pref.jsonl"),
+            "demo_sft_eval": ("instruction", "data/demo_sft_eval.jsonl"),
+            "demo_pref": ("preference", "data/demo_pref.jsonl"),
             "demo_pref_eval": ("preference", "data/demo_pref_eval.jsonl"),
             "demo_prompts": ("prompt", "data/demo_prompts.jsonl"),
             "demo_prompts_eval": ("prompt", "data/demo_prompts_eval.jsonl")}
@@ -215,12 +222,14 @@ def test_builtin_registry_entries():
         assert entries[name]["format"] == fmt and entries[name]["path"] == str(base / path)
         assert entries[name].get("metric") == (None if name == "demo_corpus" else "demo_task")
     hub = {"alpaca": "tatsu-lab/alpaca", "alpaca_gpt4": "vicgalle/alpaca-gpt4", "hh_rlhf": "Anthropic/hh-rlhf",
-           "ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized", "sharegpt": "anon8231489123/ShareGPT_Vicuna_unfiltered",
+           "ultrafeedback": "HuggingFaceH4/ultrafeedback_binarized",
+           "sharegpt": "anon8231489123/ShareGPT_Vicuna_unfiltered",
            "oasst": "habanoz/oasst_top1_2023-08-25-chat-format"}
     for name, hub_id in hub.items():
         assert entries[name]["source"] == "hub" and entries[name]["hub_id"] == hub_id
         assert entries[name]["format"] in FORMATS and entries[name]["license"] and entries[name]["description"]
-    assert entries["ultrafeedback"]["split"] == "train_prefs" and entries["ultrafeedback"]["splits"] == {"test": "test_prefs"}
+    uf = entries["ultrafeedback"]
+    assert uf["split"] == "train_prefs" and uf["splits"] == {"test": "test_prefs"}
     assert entries["hh_rlhf"]["style"] == "hh"
     names = [n for n, _, _ in list_datasets()]
     assert set(demo) | set(hub) <= set(names)
@@ -258,7 +267,8 @@ def test_describe_and_fingerprint(tmp_path):
      r"line 2, column 'output': missing column 'output'.*columns: \{output: your_column\}"),
     (['{"instruction": "a", "output": "b"}', '', '{"instruction": "a", "output": "  "}'],
      r"line 3, column 'output': empty response"),
-    (['{"instruction": "a", "output": "b"}', '{"instruction": "", "output": "b"}'], r"line 2, column 'instruction': empty"),
+    (['{"instruction": "a", "output": "b"}', '{"instruction": "", "output": "b"}'],
+     r"line 2, column 'instruction': empty"),
     (['{"instruction": "a", "output": "b"}', '[1, 2]'], r"line 2: expected a JSON object"),
 ])
 def test_bad_rows_name_file_line_and_column(tmp_path, rows, match):
@@ -289,7 +299,8 @@ def test_bad_hh_transcripts(tmp_path):
     reg = registry(tmp_path / "reg.yaml", {"hh": {"path": "hh.jsonl", "format": "preference", "style": "hh"}})
     for row, match in [({**ok, "rejected": "\n\nHuman: a\n\nAssistant: "}, r"column 'rejected': empty response"),
                        ({**ok, "chosen": "just text"}, r"column 'chosen': is not an HH transcript"),
-                       ({**ok, "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: more"}, r"must end with an assistant")]:
+                       ({**ok, "chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: more"},
+                        r"must end with an assistant")]:
         f = jsonl(tmp_path / "hh.jsonl", [ok, row])
         with pytest.raises(DataError, match=match) as e:
             load_examples(["hh"], kind="preference", registry_file=reg)
@@ -327,7 +338,8 @@ def test_skip_invalid_reports_per_file_and_identical_pairs_always_skip(tmp_path)
     a = jsonl(tmp_path / "a.jsonl", [{"instruction": "q", "output": "ok"}, {"instruction": "q", "output": ""},
                                      {"instruction": "q"}])
     (tmp_path / "a.jsonl").write_text((tmp_path / "a.jsonl").read_text() + "{broken\n")
-    with pytest.warns(DataWarning, match=r"skipped 3 invalid row\(s\) of 4 in .*a.jsonl \(first: .*line 2, column 'output'"):
+    with pytest.warns(DataWarning,
+                      match=r"skipped 3 invalid row\(s\) of 4 in .*a.jsonl \(first: .*line 2, column 'output'"):
         ex = load_examples([a], kind="sft", skip_invalid=True)
     assert [e["meta"]["row"] for e in ex] == [1]
     bad = jsonl(tmp_path / "b.jsonl", [{"instruction": "q", "output": ""}])

@@ -17,8 +17,10 @@ def read(name: str) -> list[dict]:
 
 
 @pytest.mark.parametrize("response, expected", [
-    ("52", 1.0), (" 52 ", 1.0), ("52\n", 1.0), ("52\nand more text", 1.0), ("52<|im_end|>", 1.0), ("52<|endoftext|>junk", 1.0),
-    ("52.", 0.0), ("52 is the answer", 0.0), ("The answer is 52", 0.0), ("052", 0.0), ("5 2", 0.0), ("53", 0.0), ("", 0.0),
+    ("52", 1.0), (" 52 ", 1.0), ("52\n", 1.0), ("52\nand more text", 1.0), ("52<|im_end|>", 1.0),
+    ("52<|endoftext|>junk", 1.0),
+    ("52.", 0.0), ("52 is the answer", 0.0), ("The answer is 52", 0.0), ("052", 0.0), ("5 2", 0.0), ("53", 0.0),
+    ("", 0.0),
     ("\n52", 0.0),  # the answer must be on the first line
 ])
 def test_score_rules(response, expected):
@@ -73,7 +75,8 @@ def test_rows_are_right_and_held_out_facts_are_asked_by_no_training_file():
         assert not held_out & facts[name], name
     assert not facts["demo_sft"] & facts["demo_prompts"]  # PPO samples on questions SFT never taught
     corpus = (DATA / "demo_corpus.jsonl").read_text()
-    eval_questions = {r["instruction"] for n in ("demo_sft_eval", "demo_pref_eval", "demo_prompts_eval") for r in read(n)}
+    eval_questions = {r["instruction"] for n in ("demo_sft_eval", "demo_pref_eval",
+                                                 "demo_prompts_eval") for r in read(n)}
     assert not [q for q in eval_questions if q in corpus]
     rl_questions = {r["instruction"] for r in read("demo_prompts")}
     assert not [q for q in rl_questions if q in corpus]
@@ -82,4 +85,5 @@ def test_rows_are_right_and_held_out_facts_are_asked_by_no_training_file():
 def test_rejected_answers_are_near_misses():
     for r in read("demo_pref"):
         op, n = _fact(r)
-        assert int(r["rejected"]) in {n, n - mdd.OPS[op], n + 2 * mdd.OPS[op], int(r["answer"]) - 10, int(r["answer"]) + 10}
+        assert int(r["rejected"]) in {n, n - mdd.OPS[op], n + 2 * mdd.OPS[op], int(r["answer"]) - 10,
+                                      int(r["answer"]) + 10}

@@ -72,7 +72,8 @@ def test_double_quantization_saves_3gb_on_65b():
 
 def test_bytes_per_parameter_of_published_accountings():
     shape = E.load_shape("7b")
-    per = {m: E.estimate(shape, E.Setup(method=m)).states / shape.params() for m in ("full_fp32", "full_16bit", "full_amp")}
+    per = {m: E.estimate(shape,
+                         E.Setup(method=m)).states / shape.params() for m in ("full_fp32", "full_16bit", "full_amp")}
     assert per == pytest.approx({"full_fp32": 16, "full_16bit": 12, "full_amp": 16})
     eight = E.estimate(shape, E.Setup(method="full_16bit", optim="paged_adamw_8bit"))
     assert eight.optimizer / shape.params() == pytest.approx(2 + 2 * 4 / 256, rel=1e-6)  # uint8 moments + fp32 per 256
@@ -100,7 +101,8 @@ GRID = [  # (method, dtype, extra Setup/ModelConfig keys)
 def base_128(tmp_path_factory, tiny_tokenizer_dir):
     from rlhf.tiny import make_tiny_model
 
-    return make_tiny_model(str(tmp_path_factory.mktemp("est_base")), "llama", tokenizer=tiny_tokenizer_dir, hidden_size=128, num_layers=2)
+    return make_tiny_model(str(tmp_path_factory.mktemp("est_base")), "llama", tokenizer=tiny_tokenizer_dir,
+                           hidden_size=128, num_layers=2)
 
 
 def _measure(base, method, dtype, extra, head="lm", b=4, s=64):
@@ -113,8 +115,10 @@ def _measure(base, method, dtype, extra, head="lm", b=4, s=64):
     cfg = ModelConfig(model_name_or_path=base, dtype=dtype, finetuning_type="full" if full else "lora",
                       quantization={"qlora_4bit": "4bit", "qlora_8bit": "8bit"}.get(method, "none"),
                       bnb_4bit_use_double_quant=extra.get("double_quant", True), lora_r=8,
-                      lora_target=extra.get("lora_target", ["q_proj", "v_proj"]), lora_dropout=extra.get("lora_dropout", 0.0),
-                      gradient_checkpointing=extra.get("gradient_checkpointing", False), attn_implementation=extra.get("attn", "sdpa"))
+                      lora_target=extra.get("lora_target", ["q_proj", "v_proj"]),
+                      lora_dropout=extra.get("lora_dropout", 0.0),
+                      gradient_checkpointing=extra.get("gradient_checkpointing", False),
+                      attn_implementation=extra.get("attn", "sdpa"))
     model = load_model(cfg, head=head, adapters=[] if full else [AdapterSpec("default", trainable=True)])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     torch.manual_seed(0)
@@ -136,27 +140,31 @@ def _measure(base, method, dtype, extra, head="lm", b=4, s=64):
         return sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values() if t.dim() > 0)
 
     m = E.measure_peak(steps)
-    A = 2 if dtype == "bfloat16" and not method.startswith("qlora") else 4  # QLoRA's hidden states are fp32 (see E._act_width)
+    # QLoRA's hidden states are fp32 (see E._act_width)
+    A = 2 if dtype == "bfloat16" and not method.startswith("qlora") else 4
     setup = E.Setup(method=method, batch_size=b, seq_len=s, device="cpu", act_bytes=A, base_bytes=A,
                     **{"lora_dropout": 0.0, **{k: v for k, v in extra.items() if k in E.Setup.__dataclass_fields__}})
     return m, setup
 
 
-@pytest.mark.parametrize("method,dtype,extra", GRID, ids=[f"{m}-{d}-{'-'.join(map(str, e.values())) or 'plain'}" for m, d, e in GRID])
+@pytest.mark.parametrize("method,dtype,extra", GRID,
+                         ids=[f"{m}-{d}-{'-'.join(map(str, e.values())) or 'plain'}" for m, d, e in GRID])
 def test_estimate_matches_measured_peak_on_cpu(base_128, method, dtype, extra):
     m, setup = _measure(base_128, method, dtype, extra)
     est = E.estimate(E.load_shape(base_128), setup)
     assert m.start == pytest.approx(est.weights, rel=0.01)  # weights (and LoRA) exactly, incl. 4-bit packing
     assert m.result == pytest.approx(est.optimizer, rel=0.001)  # AdamW moments
     print(f"{method} {dtype} {extra}: estimate/measured {est.peak / m.peak:.3f}")
-    assert est.peak == pytest.approx(m.peak, rel=0.12), f"estimate {est.peak / 1e6:.2f} MB, measured {m.peak / 1e6:.2f} MB"
+    assert est.peak == pytest.approx(m.peak,
+                                     rel=0.12), f"estimate {est.peak / 1e6:.2f} MB, measured {m.peak / 1e6:.2f} MB"
 
 
 def test_rm_estimate_matches_measured_peak_on_cpu(base_128):
     m, setup = _measure(base_128, "lora", "float32", {}, head="score", b=8)
     est = E.estimate_rm(E.load_shape(base_128), E.Setup(**{**setup.__dict__, "batch_size": 4}))  # 4 pairs = 8 sequences
     print(f"rm: estimate/measured {est.peak / m.peak:.3f}")
-    assert est.peak == pytest.approx(m.peak, rel=0.12), f"estimate {est.peak / 1e6:.2f} MB, measured {m.peak / 1e6:.2f} MB"
+    assert est.peak == pytest.approx(m.peak,
+                                     rel=0.12), f"estimate {est.peak / 1e6:.2f} MB, measured {m.peak / 1e6:.2f} MB"
 
 
 def test_measure_peak_counts_live_tensors():
@@ -288,6 +296,7 @@ def test_estimate_demo_configs(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def test_module_imports_without_torch():
-    code = "import sys, rlhf.estimate; print('torch' in sys.modules, 'transformers' in sys.modules, 'click' in sys.modules)"
+    code = ("import sys, rlhf.estimate; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules, 'click' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "False"]

@@ -24,7 +24,8 @@ def corpus(tmp_path_factory) -> str:
 
 def pretrain(tmp_path, corpus, **kw) -> Path:
     out = tmp_path / "pt"
-    cfg = load_config(PTConfig, str(ROOT / "configs/demo/pt.yaml"), {**TINY, "dataset": corpus, "output_dir": str(out), **kw})
+    cfg = load_config(PTConfig, str(ROOT / "configs/demo/pt.yaml"),
+                      {**TINY, "dataset": corpus, "output_dir": str(out), **kw})
     assert run(cfg) == str(out)
     return out
 
@@ -45,7 +46,8 @@ def test_pt_loss_falls_and_the_folder_loads_with_plain_transformers(tmp_path, co
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.model_type == arch
     assert tok.tokenize(" 37") == ["Ġ", "3", "7"]  # split_digits
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What comes after 37?"}], add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What comes after 37?"}], add_generation_prompt=True,
+                                     tokenize=False)
     assert prompt == "<|im_start|>user\nWhat comes after 37?<|im_end|>\n<|im_start|>assistant\n"
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     gen = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)

@@ -64,7 +64,8 @@ def test_chatml_single_turn_masks_exactly_the_reply_and_end_token(chatml_tok):
     assert stop_token_ids(chatml_tok) == [chatml_tok.eos_token_id, chatml_tok.convert_tokens_to_ids("<|im_end|>")]
 
 
-@pytest.mark.parametrize("name,end", [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"), ("alpaca", "<|end_of_text|>")])
+@pytest.mark.parametrize("name,end",
+                         [("chatml", "<|im_end|>"), ("llama3", "<|eot_id|>"), ("alpaca", "<|end_of_text|>")])
 def test_multi_turn_with_system_every_template(name, end):
     tok = make_tokenizer(LLAMA3 + ["<|im_start|>", "<|im_end|>"], bos_token="<|begin_of_text|>",
                          eos_token="<|end_of_text|>")
@@ -98,7 +99,8 @@ def test_train_on_prompt_trains_every_token(chatml_tok):
 def test_truncation_keeps_the_start_and_reports_nothing_left(chatml_tok):
     apply_template(chatml_tok, "chatml")
     full = encode_sft(chatml_tok, MULTI, max_length=512)
-    first_reply_end = full["assistant_masks"].index(1) + len(chatml_tok("four.<|im_end|>", add_special_tokens=False)["input_ids"])
+    first_reply_end = full["assistant_masks"].index(1) + len(chatml_tok("four.<|im_end|>",
+                                                                        add_special_tokens=False)["input_ids"])
     cut = encode_sft(chatml_tok, MULTI, max_length=first_reply_end + 3)
     assert cut["input_ids"] == full["input_ids"][: first_reply_end + 3]
     assert trained_segments(chatml_tok, cut) == ["four.<|im_end|>"]

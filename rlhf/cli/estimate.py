@@ -19,7 +19,8 @@ ESTIMATED = ("sft", "rm", "ppo")  # the stages the estimate models
 # option -> config key (ppo: its own key where the stage has one)
 KEYS = {"batch_size": "per_device_train_batch_size", "seq_len": "max_length", "lora_r": "lora_r",
         "lora_target": "lora_target", "lora_dropout": "lora_dropout", "attn": "attn_implementation"}
-PPO_KEYS = {"seq_len": "max_prompt_length", "response_len": "max_new_tokens", "rollout_batch": "per_device_eval_batch_size",
+PPO_KEYS = {"seq_len": "max_prompt_length", "response_len": "max_new_tokens",
+            "rollout_batch": "per_device_eval_batch_size",
             "value_model": "value_model"}
 
 
@@ -114,22 +115,25 @@ _DEFAULT = " [default: CONFIG's value, else the stage config's default]"
 @click.command("estimate")
 @click.argument("model_or_config", metavar="CONFIG.yaml|MODEL")
 @click.option("--stage", type=click.Choice(ESTIMATED), default=None,
-              help="Which stage's training step [default: the stage whose config takes CONFIG's keys; with MODEL: sft].")
+              help="Which stage's training step [default: the stage whose config takes CONFIG's keys; MODEL: sft].")
 @click.option("--model", default=None, help="With CONFIG: estimate this model instead of its model_name_or_path.")
 @click.option("--batch-size", type=int, default=None,
               help="Micro-batch (per_device_train_batch_size); RM counts 2 sequences per pair." + _DEFAULT)
-@click.option("--seq-len", type=int, default=None, help="Tokens per sequence (max_length); PPO: max_prompt_length." + _DEFAULT)
+@click.option("--seq-len", type=int, default=None,
+              help="Tokens per sequence (max_length); PPO: max_prompt_length." + _DEFAULT)
 @click.option("--lora-r", type=int, default=None, help="LoRA rank." + _DEFAULT)
 @click.option("--lora-target", default=None, help="auto, all-linear or comma-separated module names." + _DEFAULT)
 @click.option("--lora-dropout", type=float, default=None,
               help="LoRA dropout (a dropped copy of each adapted layer's input is stored)." + _DEFAULT)
 @click.option("--attn", type=click.Choice(["sdpa", "eager"]), default=None,
               help="eager stores the attention scores (quadratic in length)." + _DEFAULT)
-@click.option("--response-len", type=int, default=None, help="PPO: new tokens per response (max_new_tokens)." + _DEFAULT)
+@click.option("--response-len", type=int, default=None,
+              help="PPO: new tokens per response (max_new_tokens)." + _DEFAULT)
 @click.option("--rollout-batch", type=int, default=None,
               help="PPO: sequences generated at once (per_device_eval_batch_size, at most batch_size)." + _DEFAULT)
 @click.option("--value-model", type=click.Choice(["adapter", "shared"]), default=None, help="PPO critic." + _DEFAULT)
-@click.option("--gpu-memory", default=None, help="Propose settings that fit this GPU: 24 (GiB, as sold), 24GiB, 80GB ...")
+@click.option("--gpu-memory", default=None,
+              help="Propose settings that fit this GPU: 24 (GiB, as sold), 24GiB, 80GB ...")
 @click.option("--target-batch", default=16, show_default=True,
               help="With --gpu-memory: the batch to reach with micro-batch x accumulation.")
 @click.option("--headroom", default=0.1, show_default=True,
@@ -183,6 +187,7 @@ def estimate_cmd(model_or_config, stage, model, gpu_memory, target_batch, headro
             raise click.ClickException(
                 f"nothing fits in {_gib(gpu)} GiB with {headroom:.0%} headroom: the smallest setting needs "
                 f"{_gib(e.peak)} GiB; shorten --seq-len, or use several GPUs (configs/accelerate) or a smaller model")
-        click.echo(f"\nFits in {_gib(gpu)} GiB ({_gib(e.peak)} GiB estimated, {headroom:.0%} kept free) -- config keys:")
+        click.echo(f"\nFits in {_gib(gpu)} GiB ({_gib(e.peak)} GiB estimated, {headroom:.0%} kept free) -- "
+                   "config keys:")
         for k, v in setup_to_config(s, stage).items():
             click.echo(f"  {k}: {str(v).lower() if isinstance(v, bool) else v}")

@@ -70,7 +70,8 @@ def main() -> None:
         ids, attn = left_pad(rows, tok.pad_token_id)
         with torch.no_grad():
             s = roles.head_forward(ids, attn, "reward", roles.reward_head)
-        result[side] = {"as trained": trained, "as PPO reads it": s[torch.arange(len(ids)), score_positions(ids, tok.pad_token_id)].tolist(),
+        result[side] = {"as trained": trained,
+                        "as PPO reads it": s[torch.arange(len(ids)), score_positions(ids, tok.pad_token_id)].tolist(),
                         "at the stop token": s[:, -1].tolist()}
     for how in result["chosen"]:
         acc = pairwise(result["chosen"][how], result["rejected"][how])["accuracy"]

@@ -28,8 +28,9 @@ def process_state():
     from accelerate import PartialState
 
     if fsdp_launch() and not torch.cuda.is_available():
-        raise StageError("FSDP needs GPUs: accelerate runs FSDP only on GPU-type devices and on CPUs silently falls back "
-                         "to plain data parallel; launch with configs/accelerate/cpu.yaml or a DeepSpeed config instead")
+        raise StageError("FSDP needs GPUs: accelerate runs FSDP only on GPU-type devices and on CPUs silently falls "
+                         "back to plain data parallel; launch with configs/accelerate/cpu.yaml or a DeepSpeed config "
+                         "instead")
     return PartialState(cpu=not torch.cuda.is_available())
 
 

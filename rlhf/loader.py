@@ -42,7 +42,8 @@ class AdapterSpec:
     """One named LoRA adapter to put on the base."""
 
     name: str  # e.g. "default", "policy", "ref", "reward", "value"
-    folder: str | None = None  # stage folder with adapter_config.json + adapter_model.safetensors; None: new LoRA from cfg
+    # stage folder with adapter_config.json + adapter_model.safetensors; None: new LoRA from cfg
+    folder: str | None = None
     trainable: bool = False
     modules_to_save: list[str] | None = None  # e.g. ["score"]: also train and save the score head in this adapter
 
@@ -95,8 +96,9 @@ def _check_base_path(path: str) -> str:
 
 def _remote_code_refused(path: str) -> ModelPathError:
     """transformers' refusal to run a model's own Python code (auto_map), as one line."""
-    return ModelPathError(f"{path} needs its own Python code to load (auto_map in its config.json), which runs only with "
-                          "--trust-remote-code (trust_remote_code: true in a stage config): pass it if you trust that code")
+    return ModelPathError(f"{path} needs its own Python code to load (auto_map in its config.json), which runs only "
+                          "with --trust-remote-code (trust_remote_code: true in a stage config): pass it if you trust "
+                          "that code")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -106,7 +108,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if not path:
         raise ModelPathError("tokenizer path is empty: give a model folder, stage folder or hub id")
     if not Path(path).expanduser().exists() and _looks_local(path):
-        raise ModelPathError(f"tokenizer folder {path} does not exist; check the path, or run the stage that writes it first")
+        raise ModelPathError(f"tokenizer folder {path} does not exist; check the path, or run the stage that writes it "
+                             "first")
     try:
         tok = AutoTokenizer.from_pretrained(str(Path(path).expanduser()) if Path(path).expanduser().exists() else path,
                                             trust_remote_code=trust_remote_code)
@@ -188,7 +191,8 @@ def _block_list(model) -> torch.nn.ModuleList:
     for _, m in model.named_modules():
         if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and (n_layers is None or len(m) == n_layers):
             return m
-    raise ConfigError(f"finetuning_type=freeze: found no list of {n_layers} transformer blocks in {type(model).__name__}")
+    raise ConfigError(f"finetuning_type=freeze: found no list of {n_layers} transformer blocks in "
+                      f"{type(model).__name__}")
 
 
 def _head_name(model) -> str | None:
@@ -246,8 +250,8 @@ def load_score_head(folder: str, dtype=torch.float32) -> torch.nn.Linear:
     sd = _read_weights(weights)
     w = [k for k in sd if re.search(r"(^|\.)score\.weight$", k)]
     if len(w) != 1:
-        raise AdapterError(f"adapter folder {folder} holds no score head (expected one '...score.weight' in {weights.name}, "
-                         f"found {len(w)}); was it written by `rlhf rm`?")
+        raise AdapterError(f"adapter folder {folder} holds no score head (expected one '...score.weight' in "
+                           f"{weights.name}, found {len(w)}); was it written by `rlhf rm`?")
     weight = sd[w[0]]
     bias = sd.get(w[0][: -len("weight")] + "bias")
     head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype)
@@ -366,7 +370,8 @@ def load_adapter_weights(model, name: str, folder, dropped=()) -> None:
     if unexpected or missing:
         what = (f"{len(missing)} LoRA weights missing (e.g. {missing[0]})" if missing
                 else f"{len(unexpected)} weights fit no layer (e.g. {unexpected[0]})")
-        raise AdapterError(f"{weights}: the adapter does not fit this base model: {what}; was it trained on another base?")
+        raise AdapterError(f"{weights}: the adapter does not fit this base model: {what}; was it trained on another "
+                           "base?")
     bad = [k for k in saved if saved[k].shape != state[k].shape]
     if bad:
         raise AdapterError(f"{weights}: the adapter does not fit this base model: {bad[0]} has shape "

@@ -18,7 +18,8 @@ def score_positions(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
     return (torch.arange(input_ids.shape[1], device=input_ids.device) * non_pad).argmax(-1)
 
 
-def score_pairs(model, tokenizer, examples: list[dict], responses: list[str], max_length: int = 1024, batch_size: int = 16) -> list[float]:
+def score_pairs(model, tokenizer, examples: list[dict], responses: list[str], max_length: int = 1024,
+                batch_size: int = 16) -> list[float]:
     """Scores of (prompt messages, response) pairs under a reward model (its head reads the score token)."""
     from rlhf.templates import encode_pair
 

@@ -15,7 +15,8 @@ log = logging.getLogger("rlhf")
 
 
 class DivergedError(RlhfError, FloatingPointError):
-    """Training produced a non-finite loss, gradient or weight; the message names the step and the last good checkpoint."""
+    """Training produced a non-finite loss, gradient or weight; the message names the step and the last good
+    checkpoint."""
 
 
 class TrainingDone(Exception):
@@ -35,7 +36,8 @@ def diverged(work: Path, what: str) -> DivergedError:
     from rlhf.manifest import last_checkpoint
 
     ckpt = last_checkpoint(work)
-    todo = f"The last good checkpoint is {ckpt}: continue with --resume true" if ckpt else "No checkpoint was saved before it: rerun"
+    todo = (f"The last good checkpoint is {ckpt}: continue with --resume true" if ckpt
+            else "No checkpoint was saved before it: rerun")
     return DivergedError(f"{what}; stopping. {todo} (e.g. after lowering learning_rate)")
 
 
@@ -61,7 +63,8 @@ def resume_point(work: Path, resume: bool, logs: tuple[str, ...] = (LOG_FILE,)) 
             found = ckpt
             break
         if state.is_main_process:
-            log.warning("%s is incomplete or damaged (%s): removed, resuming from the checkpoint before it", ckpt, problem)
+            log.warning("%s is incomplete or damaged (%s): removed, resuming from the checkpoint before it", ckpt,
+                        problem)
             shutil.rmtree(ckpt, ignore_errors=True)
     if state.is_main_process:
         for name in logs:
@@ -105,7 +108,8 @@ def trainer_kwargs(cfg, work: Path, has_eval: bool) -> dict:
         bf16=cfg.bf16,
         fp16=cfg.fp16,
         activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5's name for gradient_checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": cfg.gradient_checkpointing_reentrant} if cfg.gradient_checkpointing else None,
+        activation_checkpointing_kwargs=({"use_reentrant": cfg.gradient_checkpointing_reentrant}
+                                         if cfg.gradient_checkpointing else None),
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
         eval_strategy=eval_strategy,
@@ -116,7 +120,8 @@ def trainer_kwargs(cfg, work: Path, has_eval: bool) -> dict:
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
-        logging_nan_inf_filter=False,  # HF would log a NaN loss as the mean of the previous ones (log_callback stops on it)
+        # HF would log a NaN loss as the mean of the previous ones (log_callback stops on it)
+        logging_nan_inf_filter=False,
     )
 
 
@@ -214,7 +219,8 @@ def load_train_eval(cfg, kind: str) -> tuple[list[dict], list[dict], dict]:
     from rlhf.config import ConfigError
     from rlhf.data import fingerprint, held_out_split, load_examples
 
-    kw = dict(kind=kind, registry_file=cfg.registry_file, num_samples=cfg.num_samples, skip_invalid=cfg.skip_invalid_rows, seed=cfg.seed)
+    kw = dict(kind=kind, registry_file=cfg.registry_file, num_samples=cfg.num_samples,
+              skip_invalid=cfg.skip_invalid_rows, seed=cfg.seed)
     train = load_examples(cfg.dataset, **kw)
     evals = load_examples(cfg.eval_dataset, **kw) if cfg.eval_dataset else []
     if not cfg.eval_dataset and cfg.val_size > 0:

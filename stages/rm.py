@@ -24,7 +24,8 @@ log = logging.getLogger("rlhf")
 class RMConfig(ModelConfig, DataConfig, TrainConfig):
     sft_dir: str = opt("", "The SFT stage folder to start from (its adapter, tokenizer and chat template).")
     from_base: bool = opt(False, "Start from the bare base model (model_name_or_path) instead of the SFT folder.")
-    center_rewards_coefficient: float | None = opt(None, "Add coef * mean((r_chosen + r_rejected)^2) to keep scores centred (Eisenstein et al. 2023); e.g. 0.01.")
+    center_rewards_coefficient: float | None = opt(None, "Add coef * mean((r_chosen + r_rejected)^2) to keep scores "
+                                                         "centred (Eisenstein et al. 2023); e.g. 0.01.")
 
     def validate(self):
         if not self.dataset:
@@ -51,12 +52,14 @@ def tokenize_pairs(examples: list[dict], tokenizer, max_length: int, where: str)
             continue
         rows.append({"chosen_ids": chosen, "rejected_ids": rejected})
     if truncated:
-        log.warning("rm %s: %d pairs were longer than max_length=%d on both sides and were truncated", where, truncated, max_length)
+        log.warning("rm %s: %d pairs were longer than max_length=%d on both sides and were truncated", where, truncated,
+                    max_length)
     if same:
-        log.warning("rm %s: %d pairs became identical after truncation to max_length=%d and were skipped", where, same, max_length)
+        log.warning("rm %s: %d pairs became identical after truncation to max_length=%d and were skipped", where, same,
+                    max_length)
     if not rows:
-        raise DataError(f"rm {where}: no usable preference pair (all identical after truncation to max_length={max_length}); "
-                        "raise max_length")
+        raise DataError(f"rm {where}: no usable preference pair (all identical after truncation to "
+                        f"max_length={max_length}); raise max_length")
     return Dataset.from_list(rows), {"truncated": truncated, "identical_after_truncation": same}
 
 
@@ -89,8 +92,8 @@ def run(cfg: RMConfig) -> str:
     from rlhf.loader import load_model, load_tokenizer, trainable_dtypes_kept
     from rlhf.manifest import finish_output, prepare_output
     from rlhf.templates import apply_template
-    from rlhf.train_utils import (load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point, train_from,
-                                  trainer_kwargs)
+    from rlhf.train_utils import (load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point,
+                                  train_from, trainer_kwargs)
 
     started, requested, main = time.time(), to_dict(cfg), process_state().is_main_process
     set_seed(cfg.seed)
@@ -131,10 +134,11 @@ def run(cfg: RMConfig) -> str:
     metrics.update(loss_summary(rows), **train_counts)
     tokenizer.save_pretrained(str(work))
     trainer.state.save_to_json(str(work / "trainer_state.json"))
-    plot_curves(rows, ["loss", "eval_loss", "eval_accuracy", "eval_margin"], work / "training_curves.png", "reward model")
+    plot_curves(rows, ["loss", "eval_loss", "eval_accuracy", "eval_margin"], work / "training_curves.png",
+                "reward model")
     log.info("rm metrics: %s", metrics)
     out = finish_output(work, cfg.output_dir, stage="rm", config=to_dict(cfg), base_model=base,
-                        parent=None if cfg.from_base else cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started,
-                        launch=launch_info(trainer.accelerator))
+                        parent=None if cfg.from_base else cfg.sft_dir, datasets=fingerprints, metrics=metrics,
+                        started=started, launch=launch_info(trainer.accelerator))
     process_state().wait_for_everyone()
     return str(out)

@@ -21,7 +21,8 @@ log = logging.getLogger("rlhf")
 class SFTConfig(ModelConfig, DataConfig, TrainConfig):
     train_on_prompt: bool = opt(False, "Also train on prompt (user/system) tokens; default: assistant tokens only.")
     packing: bool = opt(False, "Pack several examples into each max_length sequence (trl's best-fit packing).")
-    task_eval_samples: int = opt(64, "Held-out prompts scored with the dataset's checkable metric before and after training (0: off).")
+    task_eval_samples: int = opt(64, "Held-out prompts scored with the dataset's checkable metric before and after "
+                                     "training (0: off).")
     max_new_tokens: int = opt(32, "Tokens generated per held-out prompt for the task metric.")
 
     def validate(self):
@@ -36,7 +37,8 @@ def tokenize(examples: list[dict], tokenizer, cfg: SFTConfig):
     from rlhf.templates import encode_sft
 
     rows = [encode_sft(tokenizer, e["messages"], cfg.max_length, cfg.train_on_prompt) for e in examples]
-    kept = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows if r and any(l != -100 for l in r["labels"])]
+    kept = [{"input_ids": r["input_ids"], "labels": r["labels"]}
+            for r in rows if r and any(l != -100 for l in r["labels"])]
     if len(kept) < len(rows):
         log.warning("%d of %d examples have no trainable token left after truncation to max_length=%d; skipped",
                     len(rows) - len(kept), len(rows), cfg.max_length)
@@ -59,8 +61,8 @@ def run(cfg: SFTConfig) -> str:
                              trainable_dtypes_kept)
     from rlhf.manifest import finish_output, prepare_output
     from rlhf.templates import apply_template
-    from rlhf.train_utils import (dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point,
-                                  train_from, trainer_kwargs)
+    from rlhf.train_utils import (dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log,
+                                  resume_point, train_from, trainer_kwargs)
 
     started, requested, main = time.time(), to_dict(cfg), process_state().is_main_process
     set_seed(cfg.seed)
@@ -92,7 +94,8 @@ def run(cfg: SFTConfig) -> str:
         if not metric or not task_rows:
             return None
         if zero3 and when == "before":
-            log.info("sft: task metric before training not measured under ZeRO-3 (the weights stay sharded until training starts)")
+            log.info("sft: task metric before training not measured under ZeRO-3 (the weights stay sharded until "
+                     "training starts)")
             return None
         if not main and not zero3:  # under ZeRO-3 every process generates (the layers are gathered in step)
             return None
@@ -113,7 +116,8 @@ def run(cfg: SFTConfig) -> str:
         trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                              processing_class=tokenizer, callbacks=[log_callback(work)])
     train_from(trainer, resume_from)
-    if eval_ds is not None and not any(r.get("step") == trainer.state.global_step and "eval_loss" in r for r in read_log(work)):
+    step = trainer.state.global_step
+    if eval_ds is not None and not any(r.get("step") == step and "eval_loss" in r for r in read_log(work)):
         trainer.evaluate()  # the final eval loss, unless the schedule just logged it
 
     # --- save (the main process writes; the others wait for the folder to be finished)
@@ -125,9 +129,11 @@ def run(cfg: SFTConfig) -> str:
     metrics.update(loss_summary(read_log(work)), task_metric_after=after)
     tokenizer.save_pretrained(str(work))
     trainer.state.save_to_json(str(work / "trainer_state.json"))
-    plot_curves(read_log(work), ["loss", "eval_loss", "learning_rate", "grad_norm"], work / "training_curves.png", "sft")
+    plot_curves(read_log(work), ["loss", "eval_loss", "learning_rate", "grad_norm"], work / "training_curves.png",
+                "sft")
     log.info("sft metrics: %s", {k: v for k, v in metrics.items() if v is not None})
     out = finish_output(work, cfg.output_dir, stage="sft", config=to_dict(cfg), base_model=cfg.model_name_or_path,
-                        datasets=fingerprints, metrics=metrics, started=started, launch=launch_info(trainer.accelerator))
+                        datasets=fingerprints, metrics=metrics, started=started,
+                        launch=launch_info(trainer.accelerator))
     process_state().wait_for_everyone()
     return str(out)

@@ -52,7 +52,8 @@ def stage_folder(path: Path, stage: str, base: str, *, adapter_base: str | None 
         model.save_pretrained(str(path))
         AutoTokenizer.from_pretrained(base).save_pretrained(str(path))
     manifest = {"stage": stage, "base_model": {"path": base, "fingerprint": model_fingerprint(base)},
-                "config": {"model_name_or_path": base, "finetuning_type": "lora", "lora_target": ["all-linear"], **config}}
+                "config": {"model_name_or_path": base, "finetuning_type": "lora", "lora_target": ["all-linear"],
+                           **config}}
     (path / "manifest.json").write_text(json.dumps(manifest))
     return str(path)
 
@@ -81,7 +82,8 @@ def test_bad_yaml_names_file_and_line(tmp_path):
 
 
 def test_bad_template_and_lora_target_are_config_errors():
-    with pytest.raises(ConfigError, match=r"command line: key 'template' must be one of .*got 'chatmlx'; did you mean 'chatml'"):
+    with pytest.raises(ConfigError,
+                       match=r"command line: key 'template' must be one of .*got 'chatmlx'; did you mean 'chatml'"):
         load_config(SFTConfig, None, {"dataset": "demo_sft", "template": "chatmlx"})
     with pytest.raises(ConfigError, match=r"key 'lora_target': 'auto' and 'all-linear' stand alone"):
         load_config(SFTConfig, None, {"dataset": "demo_sft", "lora_target": "all-linear,q_proj"})
@@ -116,7 +118,8 @@ def test_bad_lora_target_name_is_one_line(tiny_model_dir, tmp_path, monkeypatch)
 def test_bad_json_row_to_score_is_one_line(tmp_path):
     bad = tmp_path / "in.jsonl"
     bad.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "c", "response": \n')
-    r = CliRunner().invoke(cli, ["score", str(tmp_path / "no_rm"), "--input", str(bad), "--output", str(tmp_path / "o.jsonl")])
+    r = CliRunner().invoke(cli, ["score", str(tmp_path / "no_rm"), "--input", str(bad), "--output",
+                                 str(tmp_path / "o.jsonl")])
     one_error(r, "in.jsonl", "2")
 
 
@@ -176,7 +179,8 @@ def small_disk(tmp_path):
     def mount(opts: str = "rw") -> Path:
         mnt = tmp_path / f"mnt{len(mounts)}"
         mnt.mkdir()
-        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=300k,{opts}", "tmpfs", str(mnt)]).returncode:
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=300k,{opts}", "tmpfs",
+                                                str(mnt)]).returncode:
             pytest.skip("needs root to mount a small tmpfs")
         mounts.append(mnt)
         return mnt
@@ -189,8 +193,8 @@ def small_disk(tmp_path):
 def test_full_and_read_only_output_disk(small_disk, tiny_model_dir):
     def sft(out: Path):
         return CliRunner().invoke(cli, ["sft", "--model-name-or-path", tiny_model_dir("llama"), "--dataset", "demo_sft",
-                                        "--num-samples", "16", "--max-steps", "3", "--save-steps", "1", "--max-length", "64",
-                                        "--task-eval-samples", "0", "--output-dir", str(out)])
+                                        "--num-samples", "16", "--max-steps", "3", "--save-steps", "1",
+                                        "--max-length", "64", "--task-eval-samples", "0", "--output-dir", str(out)])
 
     full = small_disk()
     one_error(sft(full / "sft"), f"cannot write {full / 'sft'}: no space left on the device", "free space")
@@ -260,7 +264,8 @@ def remote_code_base(tiny_model_dir, tmp_path):
         "class EvilConfig(LlamaConfig):\n    model_type = 'evil_llama'\n"
         "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n")
     cfg = json.loads((base / "config.json").read_text())
-    cfg.update(model_type="evil_llama", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel",
+    cfg.update(model_type="evil_llama",
+               auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel",
                                                   "AutoModelForSequenceClassification": "evil.EvilModel"})
     (base / "config.json").write_text(json.dumps(cfg))
     return str(base), marker

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from rlhf.config import load_config
-from rlhf.manifest import (StageError, checkpoint_problem, finish_output, last_checkpoint, prepare_output, read_manifest,
-                           unlock_output, work_dir)
+from rlhf.manifest import (StageError, checkpoint_problem, finish_output, last_checkpoint, prepare_output,
+                           read_manifest, unlock_output, work_dir)
 from rlhf.stages import ppo, pt, rm, sft
 from rlhf.train_utils import DivergedError, resume_point
 from helpers import write_jsonl
@@ -47,8 +47,10 @@ def log_rows(folder, key="loss"):
 def runs(tiny_model_dir, tmp_path_factory):
     """Finished sft and rm runs of 8 steps with checkpoints at 4 and 8, and their configs."""
     tmp = tmp_path_factory.mktemp("faults")
-    data = write_jsonl(tmp / "sft.jsonl", [{"instruction": f"What comes after {a}?", "output": str(a + 1)} for a in range(10, 90)])
-    pairs = write_jsonl(tmp / "pref.jsonl", [{"instruction": f"What comes after {a}?", "chosen": str(a + 1), "rejected": str(a)}
+    data = write_jsonl(tmp / "sft.jsonl",
+                       [{"instruction": f"What comes after {a}?", "output": str(a + 1)} for a in range(10, 90)])
+    pairs = write_jsonl(tmp / "pref.jsonl",
+                        [{"instruction": f"What comes after {a}?", "chosen": str(a + 1), "rejected": str(a)}
                                              for a in range(10, 60)])
     cfgs = {"sft": dict(SFT, model_name_or_path=tiny_model_dir("llama"), dataset=[data])}
     done = {"sft": Path(run("sft", **cfgs["sft"], output_dir=tmp / "sft"))}
@@ -78,7 +80,8 @@ def test_resume_point_is_the_newest_complete_checkpoint(tmp_path, caplog):
     (ckpts / "checkpoint-4").mkdir()
     (ckpts / "checkpoint-6").mkdir()
     (ckpts / "checkpoint-6" / "README.md").write_text("torn")
-    for step, damage in [(8, "trainer_state.json"), (10, "optimizer.pt"), (12, "adapter_model.safetensors"), (14, None)]:
+    for step, damage in [(8, "trainer_state.json"), (10, "optimizer.pt"), (12, "adapter_model.safetensors"),
+                         (14, None)]:
         write_checkpoint(ckpts / f"checkpoint-{step}", step)
         if step == 8:
             (ckpts / "checkpoint-8" / damage).unlink()  # the adapter is written, the trainer state not yet
@@ -167,7 +170,8 @@ def test_nan_stops_at_its_step_and_keeps_only_finite_checkpoints(runs, stage, tm
     cfgs, _, _ = runs
     poison_training_after(monkeypatch, 5)
     out = tmp_path / stage
-    with pytest.raises(DivergedError, match=r"not finite at step 6; stopping. The last good checkpoint is .*checkpoint-4"):
+    with pytest.raises(DivergedError,
+                       match=r"not finite at step 6; stopping. The last good checkpoint is .*checkpoint-4"):
         run(stage, **dict(cfgs[stage], save_steps=2), output_dir=out)
     assert not out.exists()
     ckpts = sorted((work_dir(out) / "checkpoints").glob("checkpoint-*"))
@@ -193,7 +197,8 @@ def test_resumed_checkpoint_with_nan_weights_is_refused_and_removed(runs, tmp_pa
     work = killed_copy(done["sft"], out)
     adapter = work / "checkpoints" / "checkpoint-8" / "adapter_model.safetensors"
     save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(adapter)).items()}, str(adapter))
-    with pytest.raises(DivergedError, match=r"weights are not finite at step 8; stopping. The last good checkpoint is .*checkpoint-4"):
+    with pytest.raises(DivergedError,
+                       match=r"weights are not finite at step 8; stopping. The last good checkpoint is .*checkpoint-4"):
         run("sft", **cfgs["sft"], output_dir=out, resume=True)
     assert not out.exists() and not adapter.parent.exists()
 
@@ -203,7 +208,8 @@ def test_resumed_checkpoint_with_nan_weights_is_refused_and_removed(runs, tmp_pa
 
 def test_second_writer_is_refused_while_the_first_runs(tmp_path):
     out = tmp_path / "sft"
-    holder = subprocess.Popen([sys.executable, "-c", f"from rlhf.manifest import prepare_output; prepare_output({str(out)!r}); "
+    holder = subprocess.Popen([sys.executable, "-c",
+                               f"from rlhf.manifest import prepare_output; prepare_output({str(out)!r}); "
                                "print('ready', flush=True); import time; time.sleep(600)"],
                               stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -289,7 +295,8 @@ class Payload:
 
 
 def ppo_cfg(done, data) -> dict:
-    return dict(sft_dir=str(done["sft"]), rm_dir=str(done["rm"]), dataset=[data], max_steps=4, save_steps=2, batch_size=4,
+    return dict(sft_dir=str(done["sft"]), rm_dir=str(done["rm"]), dataset=[data], max_steps=4, save_steps=2,
+                batch_size=4,
                 mini_batch_size=4, per_device_train_batch_size=4, ppo_epochs=1, max_new_tokens=4, eval_samples=0,
                 max_prompt_length=48, learning_rate=1e-3, seed=5)
 
@@ -332,11 +339,12 @@ def test_two_processes_resume_past_a_torn_checkpoint_and_refuse_a_second_writer(
     cfgs, done, _ = runs
 
     def launch(out, **extra):
-        args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), "--num_processes", "2",
-                "--main_process_port", str(free_port()), "-m", "rlhf", "sft"]
+        args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_CONFIG), "--num_processes",
+                "2", "--main_process_port", str(free_port()), "-m", "rlhf", "sft"]
         for k, v in dict(cfgs["sft"], output_dir=out, **extra).items():
             args += [f"--{k}", ",".join(map(str, v)) if isinstance(v, list) else str(v)]
-        return subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+        return subprocess.run(args, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                              timeout=240)
 
     out = tmp_path / "sft"
     work = killed_copy(done["sft"], out)

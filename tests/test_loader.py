@@ -284,7 +284,8 @@ def test_rm_starts_from_sft_adapter_and_ppo_reads_it_on_the_lm(llama, batch, tmp
         rm.base_model.model.score.modules_to_save["default"].weight.mul_(2.0)
     rm.save_pretrained(str(tmp_path / "rm"))
 
-    ppo = load_model(cfg, adapters=[AdapterSpec("policy", sft, trainable=True), AdapterSpec("reward", str(tmp_path / "rm"))])
+    ppo = load_model(cfg,
+                     adapters=[AdapterSpec("policy", sft, trainable=True), AdapterSpec("reward", str(tmp_path / "rm"))])
     reward = {n: p for n, p in ppo.named_parameters() if ".reward." in n}
     assert reward and all("lora_" in n for n in reward) and not any(p.requires_grad for p in reward.values())
     head = load_score_head(str(tmp_path / "rm"))

@@ -43,9 +43,11 @@ def make_tokenizer(tiny_tokenizer_dir: str, setup: str):
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("matrix_data")
     sft_rows = [{"instruction": f"Repeat {i}", "output": f"{i} {i}"} for i in range(16)]
-    pairs = [{"instruction": f"Which is larger, {a} or {a + 7}?", "chosen": str(a + 7), "rejected": str(a)} for a in range(16)]
+    pairs = [{"instruction": f"Which is larger, {a} or {a + 7}?", "chosen": str(a + 7),
+              "rejected": str(a)} for a in range(16)]
     prompts = [{"instruction": "Count" + " up" * (i % 4) + f" from {i}"} for i in range(8)]  # several prompt lengths
-    return {k: write_jsonl(tmp / f"{k}.jsonl", rows) for k, rows in (("sft", sft_rows), ("pref", pairs), ("prompts", prompts))}
+    data = (("sft", sft_rows), ("pref", pairs), ("prompts", prompts))
+    return {k: write_jsonl(tmp / f"{k}.jsonl", rows) for k, rows in data}
 
 
 def plain_rm_scores(base: str, rm_dir: str, rows: list[list[int]], quantization: str) -> list[float]:
@@ -87,11 +89,13 @@ def test_chain(arch, quantization, setup, tiny_tokenizer_dir, data, tmp_path):
         common, model_name_or_path=base, dataset=[data["sft"]], output_dir=str(tmp_path / "sft"), task_eval_samples=0,
         quantization=quantization)))
     # rm and ppo are not told the quantization: they take the SFT folder's
-    rm_dir = rm.run(load_config(rm.RMConfig, None, dict(common, sft_dir=sft_dir, dataset=[data["pref"]], output_dir=str(tmp_path / "rm"))))
+    rm_dir = rm.run(load_config(rm.RMConfig, None,
+                                dict(common, sft_dir=sft_dir, dataset=[data["pref"]], output_dir=str(tmp_path / "rm"))))
     for folder in (sft_dir, rm_dir):
         m = json.loads((Path(folder) / "manifest.json").read_text())
         assert m["config"]["quantization"] == quantization
-        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in map(json.loads, (Path(folder) / "train_log.jsonl").read_text().splitlines()) if "loss" in r)
+        rows = map(json.loads, (Path(folder) / "train_log.jsonl").read_text().splitlines())
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows if "loss" in r)
 
     # The score token: PPO's reward of a rollout equals the plain-loaded RM folder's score of the same ids.
     cfg = load_config(ppo.PPOConfig, None, dict(sft_dir=sft_dir, rm_dir=rm_dir, output_dir=str(tmp_path / "ppo"),
@@ -141,7 +145,8 @@ def test_quantized_rm_from_unquantized_sft(quantization, tiny_model_dir, data, t
     from safetensors.torch import load_file
 
     base = tiny_model_dir("llama")
-    common = dict(max_steps=3, max_length=48, logging_steps=1, save_steps=50, per_device_train_batch_size=4, learning_rate=1e-3)
+    common = dict(max_steps=3, max_length=48, logging_steps=1, save_steps=50, per_device_train_batch_size=4,
+                  learning_rate=1e-3)
     sft_dir = sft.run(load_config(sft.SFTConfig, None, dict(common, model_name_or_path=base, dataset=[data["sft"]],
                                                             output_dir=str(tmp_path / "sft"), task_eval_samples=0)))
     rm_dir = rm.run(load_config(rm.RMConfig, None, dict(common, sft_dir=sft_dir, dataset=[data["pref"]],

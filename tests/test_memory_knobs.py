@@ -16,7 +16,8 @@ from rlhf.config import ModelConfig, load_config
 
 @pytest.fixture(scope="module")
 def sft_data(tmp_path_factory):
-    rows = [{"instruction": f"Say the number after {i}.", "input": "", "output": f"It is {i + 1}, the number after {i}."}
+    rows = [{"instruction": f"Say the number after {i}.", "input": "",
+             "output": f"It is {i + 1}, the number after {i}."}
             for i in range(10, 34)]
     path = tmp_path_factory.mktemp("knobs") / "count.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -43,7 +44,8 @@ def run_sft(monkeypatch, tmp_path, base, data, **keys):
 
     monkeypatch.setattr(rlhf.loader, "load_model", load_spy)
     monkeypatch.setattr(trl.SFTTrainer, "train", train_spy)
-    values = dict(model_name_or_path=base, dataset=[data], output_dir=str(tmp_path / "out"), max_steps=2, logging_steps=1,
+    values = dict(model_name_or_path=base, dataset=[data], output_dir=str(tmp_path / "out"), max_steps=2,
+                  logging_steps=1,
                   per_device_train_batch_size=4, save_steps=100, task_eval_samples=0, max_length=48, learning_rate=1e-3)
     values.update(keys)
     sft.run(load_config(sft.SFTConfig, None, values))
@@ -69,8 +71,10 @@ def test_qlora_knobs_reach_the_model(monkeypatch, tmp_path, tiny_model_dir, sft_
     import bitsandbytes as bnb
 
     data, _ = sft_data
-    model, trainer = run_sft(monkeypatch, tmp_path, tiny_model_dir("llama"), data, quantization="4bit", bnb_4bit_quant_type="fp4",
-                             bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype="bfloat16", gradient_checkpointing=True,
+    model, trainer = run_sft(monkeypatch, tmp_path, tiny_model_dir("llama"), data, quantization="4bit",
+                             bnb_4bit_quant_type="fp4",
+                             bnb_4bit_use_double_quant=False, bnb_4bit_compute_dtype="bfloat16",
+                             gradient_checkpointing=True,
                              optim="adamw_bnb_8bit", gradient_accumulation_steps=2, attn_implementation="eager")
     layers = _layers(model, bnb.nn.Linear4bit)
     assert layers and all(m.weight.quant_type == "fp4" for m in layers)
@@ -78,7 +82,8 @@ def test_qlora_knobs_reach_the_model(monkeypatch, tmp_path, tiny_model_dir, sft_
     assert all(m.compute_dtype == torch.bfloat16 for m in layers)
     kw = _checkpoint_kwargs(model)
     assert kw and all(k.get("use_reentrant") is False for k in kw)  # non-reentrant checkpointing on every block
-    opt = _optimizer(trainer)  # bitsandbytes' AdamW with 8-bit states (tensors of 4096+ values; these tiny ones stay 32-bit)
+    # bitsandbytes' AdamW with 8-bit states (tensors of 4096+ values; these tiny ones stay 32-bit)
+    opt = _optimizer(trainer)
     assert isinstance(opt, bnb.optim.AdamW) and opt.args.optim_bits == 8 and not opt.is_paged
     assert trainer.args.gradient_accumulation_steps == 2 and trainer.state.global_step == 2
     assert model.config._attn_implementation == "eager"
@@ -88,8 +93,8 @@ def test_8bit_packing_bf16_knobs_reach_the_model(monkeypatch, tmp_path, tiny_mod
     import bitsandbytes as bnb
 
     data, n_rows = sft_data
-    model, trainer = run_sft(monkeypatch, tmp_path, tiny_model_dir("llama"), data, quantization="8bit", packing=True, bf16=True,
-                             optim="paged_adamw_8bit", max_length=128)
+    model, trainer = run_sft(monkeypatch, tmp_path, tiny_model_dir("llama"), data, quantization="8bit", packing=True,
+                             bf16=True, optim="paged_adamw_8bit", max_length=128)
     assert _layers(model, bnb.nn.Linear8bitLt)
     opt = _optimizer(trainer)
     assert isinstance(opt, bnb.optim.AdamW) and opt.args.optim_bits == 8 and opt.is_paged
@@ -103,22 +108,25 @@ def test_dtype_and_plain_optimizer_knobs(monkeypatch, tmp_path, tiny_model_dir, 
     import bitsandbytes as bnb
 
     data, _ = sft_data
-    model, trainer = run_sft(monkeypatch, tmp_path, tiny_model_dir("qwen2"), data, dtype="bfloat16", optim="paged_adamw_32bit",
-                             max_length=48)
+    model, trainer = run_sft(monkeypatch, tmp_path, tiny_model_dir("qwen2"), data, dtype="bfloat16",
+                             optim="paged_adamw_32bit", max_length=48)
     assert model.get_base_model().lm_head.weight.dtype == torch.bfloat16
     opt = _optimizer(trainer)
     assert isinstance(opt, bnb.optim.AdamW) and opt.args.optim_bits == 32 and opt.is_paged
-    assert max(len(r["input_ids"]) for r in trainer.train_dataset) == 48  # max_length truncates (the examples have 54 tokens)
+    # max_length truncates (the examples have 54 tokens)
+    assert max(len(r["input_ids"]) for r in trainer.train_dataset) == 48
 
 
 @pytest.mark.skipif(not {"attention_softmax_fp32", "embedding_gradient_scale", "gradient_checkpointing_reentrant"}
                     <= set(ModelConfig.__dataclass_fields__),
                     reason="config fields not wired yet: attention_softmax_fp32, embedding_gradient_scale, "
-                           "gradient_checkpointing_reentrant (ModelConfig) -> rlhf.stability.apply_stability in the loader")
+                           "gradient_checkpointing_reentrant (ModelConfig) -> rlhf.stability.apply_stability in the "
+                           "loader")
 def test_stability_knobs_reach_the_model_through_sft(monkeypatch, tmp_path, tiny_model_dir, sft_data):
     data, _ = sft_data
-    model, trainer = run_sft(monkeypatch, tmp_path, tiny_model_dir("llama"), data, finetuning_type="full", attention_softmax_fp32=True,
-                             embedding_gradient_scale=0.1, gradient_checkpointing=True, gradient_checkpointing_reentrant=True)
+    model, trainer = run_sft(monkeypatch, tmp_path, tiny_model_dir("llama"), data, finetuning_type="full",
+                             attention_softmax_fp32=True, embedding_gradient_scale=0.1, gradient_checkpointing=True,
+                             gradient_checkpointing_reentrant=True)
     assert model.config._attn_implementation == stability.FP32_ATTENTION
     assert model.get_input_embeddings()._forward_hooks  # the gradient shrink
     kw = _checkpoint_kwargs(model)

@@ -45,7 +45,8 @@ def run_ok(stage, values):
     from rlhf.config import load_config
 
     mod = STAGES[stage].load()
-    mod.run(load_config(STAGES[stage].config_class(), None, {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
+    mod.run(load_config(STAGES[stage].config_class(), None,
+                        {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}))
 
 
 def last_loss(folder, key):
@@ -79,12 +80,16 @@ def test_ppo_sigkill_then_resume_matches_uninterrupted(tiny_model_dir, data, tmp
     from rlhf.config import load_config
     from rlhf.stages import rm, sft
 
-    pairs = jsonl(tmp_path / "pref.jsonl", [{"instruction": f"What comes after {a}?", "chosen": str(a + 1), "rejected": str(a)} for a in range(10, 50)])
+    pairs = jsonl(tmp_path / "pref.jsonl", [{"instruction": f"What comes after {a}?", "chosen": str(a + 1),
+                                             "rejected": str(a)} for a in range(10, 50)])
     common = dict(max_steps=4, max_length=48, lora_target="all-linear", learning_rate=1e-2)
-    sft_dir = sft.run(load_config(sft.SFTConfig, None, dict(common, model_name_or_path=tiny_model_dir("llama"), dataset=[data],
+    sft_dir = sft.run(load_config(sft.SFTConfig, None,
+                                  dict(common, model_name_or_path=tiny_model_dir("llama"), dataset=[data],
                                                                output_dir=str(tmp_path / "sft"), task_eval_samples=0)))
-    rm_dir = rm.run(load_config(rm.RMConfig, None, dict(common, sft_dir=sft_dir, dataset=[pairs], output_dir=str(tmp_path / "rm"))))
-    base = dict(sft_dir=sft_dir, rm_dir=rm_dir, dataset=[data], max_steps=6, save_steps=2, batch_size=4, mini_batch_size=4,
+    rm_dir = rm.run(load_config(rm.RMConfig, None,
+                                dict(common, sft_dir=sft_dir, dataset=[pairs], output_dir=str(tmp_path / "rm"))))
+    base = dict(sft_dir=sft_dir, rm_dir=rm_dir, dataset=[data], max_steps=6, save_steps=2, batch_size=4,
+                mini_batch_size=4,
                 per_device_train_batch_size=4, ppo_epochs=1, max_new_tokens=4, eval_samples=0, max_prompt_length=48,
                 learning_rate=1e-3, seed=5, save_total_limit=2)
     run_ok("ppo", dict(base, output_dir=tmp_path / "straight"))

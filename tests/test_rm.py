@@ -16,7 +16,8 @@ from helpers import write_jsonl
 
 
 def pairs(lo, hi):
-    return [{"instruction": f"Which is larger, {a} or {a + 7}?", "input": "", "chosen": str(a + 7), "rejected": str(a)} for a in range(lo, hi)]
+    return [{"instruction": f"Which is larger, {a} or {a + 7}?", "input": "", "chosen": str(a + 7),
+             "rejected": str(a)} for a in range(lo, hi)]
 
 
 def rm_cfg(out, data, **kw):
@@ -31,7 +32,8 @@ def parents(tiny_model_dir, tmp_path_factory):
     base = tiny_model_dir("llama")
     tmp = tmp_path_factory.mktemp("rm")
     data = write_jsonl(tmp / "sft.jsonl", [{"instruction": f"Repeat {i}", "output": str(i)} for i in range(20)])
-    sft_dir = sft.run(load_config(sft.SFTConfig, None, dict(model_name_or_path=base, dataset=data, output_dir=str(tmp / "sft"),
+    sft_dir = sft.run(load_config(sft.SFTConfig, None,
+                                  dict(model_name_or_path=base, dataset=data, output_dir=str(tmp / "sft"),
                                                             max_steps=4, task_eval_samples=0, max_length=64)))
     train = write_jsonl(tmp / "pref.jsonl", pairs(10, 60))
     evals = write_jsonl(tmp / "pref_eval.jsonl", pairs(60, 80))
@@ -56,7 +58,8 @@ def test_plain_reload_scores_identically(parents):
 
     base, _, rm_dir, _ = parents
     ours, tok = load_reward_model(rm_dir)
-    plain = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=1), rm_dir).eval()
+    plain = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=1),
+                                      rm_dir).eval()
     plain.config.pad_token_id = tok.pad_token_id
     examples = [{"messages": [{"role": "user", "content": f"Which is larger, {a} or {a + 7}?"}]} for a in (61, 70)]
     responses = ["68", "70"]

@@ -54,7 +54,8 @@ def test_reloads_with_plain_peft_to_same_logits(sft_run):
     tok = AutoTokenizer.from_pretrained(out)
     x = tok("Say the number after 12.", return_tensors="pt")
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), str(out)).eval()
-    ours = load_model(ModelConfig(model_name_or_path=base), adapters=[AdapterSpec("default", folder=str(out))], for_training=False)
+    ours = load_model(ModelConfig(model_name_or_path=base), adapters=[AdapterSpec("default", folder=str(out))],
+                      for_training=False)
     with torch.no_grad():
         a, b = plain(**x).logits, ours(**x).logits
         bare = AutoModelForCausalLM.from_pretrained(base)(**x).logits

@@ -303,7 +303,7 @@ def setup_from_config(cfg, stage: str = "sft", device: str = "cuda") -> tuple[Se
                 attn=cfg.attn_implementation or "sdpa", act_bytes=act, base_bytes=base, device=device)
     ppo = {}
     if stage == "ppo":  # an update step: mini_batch_size samples in micro-batches; the rollout generates in chunks
-        keys.update(seq_len=cfg.max_prompt_length,
+        keys.update(seq_len=cfg.max_prompt_length, lora_dropout=0.0,  # stages/ppo.py turns dropout off
                     gradient_accumulation_steps=cfg.mini_batch_size // cfg.per_device_train_batch_size)
         ppo = dict(prompt_len=cfg.max_prompt_length, response_len=cfg.max_new_tokens, value_model=cfg.value_model,
                    rollout_batch=min(cfg.batch_size, cfg.per_device_eval_batch_size))

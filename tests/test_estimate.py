@@ -262,8 +262,9 @@ def test_estimate_of_a_stage_config_uses_its_keys(tmp_path):
     # ppo: its own keys (prompt and response lengths, mini-batches, the rollout's chunks)
     cfg, shape = stage_config("ppo", "configs/llama2-7b-qlora/ppo.yaml", "7b", {})
     s, ppo = E.setup_from_config(cfg, "ppo")
-    assert (s.seq_len, s.gradient_accumulation_steps, s.method) == (512, 4, "qlora_4bit")
+    assert (s.seq_len, s.gradient_accumulation_steps, s.method, s.lora_dropout) == (512, 4, "qlora_4bit", 0.0)
     assert ppo == {"prompt_len": 512, "response_len": 128, "value_model": "adapter", "rollout_batch": 16}
+    assert s.lora_target == ["q_proj", "v_proj"]  # the adapter shape of the SFT run it starts from (sft.yaml beside)
     # the stage is the one whose config takes the file's keys; a bad key is the stage's own error
     bad = tmp_path / "x.yaml"
     bad.write_text("lora_rr: 4\n")

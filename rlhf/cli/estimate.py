@@ -78,7 +78,7 @@ def stage_config(stage: str, path: str | None, model: str | None, overrides: dic
 
     cls = STAGES[stage].config_class()
     cfg = load_config(cls, path, overrides) if path else cls(**overrides)
-    parent = parent_record(stage, path, cfg) if not model else None
+    parent = parent_record(stage, path, cfg)
     if STAGES[stage].parents[:1] and STAGES[stage].parents[0][0] == "sft_dir":  # rm, ppo: as they run
         inherit_quantization(cfg, parent, getattr(cfg, "sft_dir", ""))
         for k in ("lora_r", "lora_target"):  # their adapters start from the SFT folder's (stages/rm.py, stages/ppo.py)

@@ -47,8 +47,9 @@ def generate(model, prompts: list[list[int]], *, pad_token_id: int, stop_ids: li
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
-                           top_k=top_k if do_sample else None, top_p=top_p if do_sample else None,
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample,
+                           temperature=temperature if do_sample else None, top_k=top_k if do_sample else None,
+                           top_p=top_p if do_sample else None,
                            eos_token_id=list(stop_ids), pad_token_id=pad_token_id)
     q_ids, q_attn = left_pad(prompts, pad_token_id)
     chunks = []

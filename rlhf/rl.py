@@ -50,7 +50,8 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k1"
 
 
 def token_rewards(kl: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-token reward: -kl_coef * KL on every response token, plus the score on the last real one (InstructGPT eq. 2)."""
+    """Per-token reward: -kl_coef * KL on every response token, plus the score on the last real one (InstructGPT
+    eq. 2)."""
     rewards = -kl_coef * kl * mask
     last = mask.sum(1).long() - 1
     rewards[torch.arange(len(scores)), last] += scores
@@ -129,7 +130,8 @@ class ScoreNormalizer:
 
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         if self.mode != "none":
-            n, total = all_sum(torch.tensor([len(scores), scores.sum().item()], dtype=torch.float64, device=scores.device)).tolist()
+            stats = torch.tensor([len(scores), scores.sum().item()], dtype=torch.float64, device=scores.device)
+            n, total = all_sum(stats).tolist()
             mean = total / n
             m2 = all_sum(((scores.double() - mean) ** 2).sum()).item()
             delta, total = mean - self.mean, self.count + n

@@ -62,7 +62,8 @@ class OneBase:
             kw["position_ids"] = (attn.cumsum(1) - 1).clamp(min=0)
         return kw
 
-    def policy_forward(self, ids, attn, width: int, adapter: str = "policy", entropy: bool = False, detach_hidden: bool = False):
+    def policy_forward(self, ids, attn, width: int, adapter: str = "policy", entropy: bool = False,
+                       detach_hidden: bool = False):
         """Log-probs (temperature-scaled) of the last `width` tokens, their entropy, and the shared value if any."""
         from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
@@ -170,9 +171,11 @@ def save_value(roles: OneBase, folder: Path) -> None:
         from safetensors.torch import save_file
 
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()}, str(folder / "value_head.safetensors"))
+        state = {k: v.detach().cpu().contiguous() for k, v in roles.value_head.state_dict().items()}
+        save_file(state, str(folder / "value_head.safetensors"))
     else:
-        save_adapter(roles.model, "value", folder, extra=head_state(roles.value_head), task_type="SEQ_CLS", modules_to_save=["score"])
+        save_adapter(roles.model, "value", folder, extra=head_state(roles.value_head), task_type="SEQ_CLS",
+                     modules_to_save=["score"])
 
 
 def load_value(roles: OneBase, folder: Path) -> None:

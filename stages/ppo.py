@@ -9,10 +9,14 @@ of RLHF with PPO" (Huang et al. 2022/2024; cited below as [N-impl]). One PPO ste
     -> whitened advantages -> `ppo_epochs` passes over minibatches of `mini_batch_size`: clipped policy loss
     + vf_coef * clipped value loss -> optimizer step.
 
-Roles on one base (rlhf.loader, base weights stored once): `policy` (trainable, from sft_dir), `ref` (sft_dir,
+Roles on one base (rlhf.roles, base weights stored once): `policy` (trainable, from sft_dir), `ref` (sft_dir,
 frozen), `reward` (rm_dir adapter + its score head, frozen), `value` (rm_dir adapter + a copy of its head,
 trainable; InstructGPT's critic init), or with value_model=shared a value head on the policy's hidden states.
 Steps, save_steps, logging_steps and eval_steps count PPO steps (rollout + update).
+
+Where things are: the losses, KL, rewards and advantages are rlhf/rl.py (pure torch); the roles on one base and
+their saving are rlhf/roles.py; sampling is rlhf/generation.py. This file is the recipe: config, setup, rollout,
+update, evaluation, checkpoints, then ``run`` (the loop), top to bottom.
 
 Output folder: the policy adapter at the root (``PeftModel.from_pretrained(base, folder)``), ``value/`` (the
 critic in the RM folder's format: adapter + head), tokenizer, manifest, ``train_log.jsonl``,
@@ -33,10 +37,9 @@ from pathlib import Path
 
 import torch
 
+from rlhf import rl
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
 from rlhf.roles import OneBase, load_value, save_adapter, save_value
-from rlhf.rl import (KLController, ScoreNormalizer, all_sum, gae, kl_penalty, masked_mean, masked_whiten, policy_loss,
-                     shape_scores, token_rewards, value_loss)
 
 log = logging.getLogger("rlhf")
 
@@ -102,6 +105,86 @@ class PPOConfig(ModelConfig, DataConfig, TrainConfig):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Setup: the roles on one base, the optimizer, the prompts
+
+
+def build_roles(cfg: PPOConfig, pad_token_id: int) -> OneBase:
+    """The one base with PPO's roles (rlhf.roles); pad_token_id: the RM's (its score token)."""
+    from rlhf.loader import AdapterSpec
+    from rlhf.roles import load_head, load_roles, zero_value_head
+
+    adapters = [AdapterSpec("policy", cfg.sft_dir, trainable=True), AdapterSpec("ref", cfg.sft_dir),
+                AdapterSpec("reward", cfg.rm_dir)]
+    if cfg.value_model == "adapter":
+        adapters.append(AdapterSpec("value", cfg.rm_dir, trainable=True))
+    model = load_roles(cfg, adapters)
+    reward_head = load_head(cfg.rm_dir, model)
+    if cfg.value_model == "adapter":
+        value_head = copy.deepcopy(reward_head).requires_grad_(True)  # InstructGPT: critic initialised from the RM
+    else:
+        value_head = zero_value_head(reward_head)
+    shared = cfg.value_model == "shared"
+    return OneBase(model, reward_head, value_head, trainable=["policy"] if shared else ["policy", "value"],
+                   shared_value=shared, temperature=cfg.temperature, pad_token_id=pad_token_id)
+
+
+def optimizer_for(cfg: PPOConfig):
+    """``params -> optimizer`` for ``cfg.optim`` as transformers builds it for sft and rm
+    (``Trainer.get_optimizer_cls_and_kwargs``), so every stage takes the same names (adamw_torch_fused, lion_8bit,
+    paged_adamw_8bit, ...); weight_decay applies to every trainable parameter. Checked before the working folder."""
+    import dataclasses
+    import functools
+    import types
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    from rlhf.errors import did_you_mean
+
+    names = [o.value for o in OptimizerNames]
+    if cfg.optim not in names:
+        raise ConfigError(f"ppo: key 'optim' is {cfg.optim!r}, which transformers does not know"
+                          + did_you_mean(cfg.optim, names, otherwise=f"; use one of {', '.join(names)}"))
+    # TrainingArguments' own defaults (betas, eps, optim_args, ...), not an instance: creating one would set up the
+    # devices again and reset the state of the run's Accelerator
+    fields = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
+    args = types.SimpleNamespace(**{**fields, "optim": OptimizerNames(cfg.optim), "learning_rate": cfg.learning_rate,
+                                    "weight_decay": cfg.weight_decay})
+    try:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ValueError, ImportError, AttributeError) as e:  # e.g. its package is not installed; GaLore needs a model
+        raise ConfigError(f"ppo: key 'optim' {cfg.optim!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    return functools.partial(cls, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def encode_prompts(tokenizer, examples: list[dict], max_len: int, what: str) -> tuple[list[list[int]], list[dict]]:
+    from rlhf.templates import encode_prompt
+
+    kept = [(ids, e) for e in examples if (ids := encode_prompt(tokenizer, e["messages"], max_len))]
+    if examples and not kept:
+        raise ConfigError(
+            f"ppo: every one of the {len(examples)} prompts of {what} is longer than max_prompt_length={max_len} tokens "
+            f"(chat template applied); raise max_prompt_length or use shorter prompts")
+    if len(kept) < len(examples):
+        log.warning("ppo: %d of %d prompts of %s are longer than max_prompt_length=%d and are skipped",
+                    len(examples) - len(kept), len(examples), what, max_len)
+    return [k[0] for k in kept], [k[1] for k in kept]
+
+
+def prompt_order(step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Prompt indices of a PPO step: epochs of seeded shuffles, deterministic in (seed, step) so --resume needs no
+    sampler state; each process takes its own slice."""
+    start = (step * world + rank) * batch
+    out = []
+    for i in range(start, start + batch):
+        epoch = i // n
+        perm = list(range(n))
+        random.Random(seed * 100003 + epoch).shuffle(perm)
+        out.append(perm[i % n])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Rollout
 
 
@@ -130,7 +213,8 @@ def score_responses(roles: OneBase, ids, attn, cfg: PPOConfig) -> torch.Tensor:
 
 
 @torch.no_grad()
-def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl: KLController, score_norm: ScoreNormalizer, step: int):
+def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl: rl.KLController,
+            score_norm: rl.ScoreNormalizer, step: int):
     """Generate, score, and compute advantages for one batch of prompts: a dict of tensors and stats."""
     ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg)
     width, n, size = mask.shape[1], len(ids), cfg.per_device_eval_batch_size
@@ -146,30 +230,31 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
     raw_scores = score_responses(roles, ids, attn, cfg)
     if not torch.isfinite(raw_scores).all():
         raise FloatingPointError(f"the reward model returned {raw_scores[~torch.isfinite(raw_scores)][0].item()} at PPO step {step}")
-    scores = shape_scores(raw_scores, ended, score_norm, cfg.missing_eos_penalty)
-    kl = kl_penalty(logp, ref_logp, cfg.kl_estimator) * fmask
-    rewards = token_rewards(kl, scores, fmask, kl_ctl.value)
-    advantages, returns = gae(rewards, values, fmask, cfg.gamma, cfg.lam)
+    scores = rl.shape_scores(raw_scores, ended, score_norm, cfg.missing_eos_penalty)
+    kl = rl.kl_penalty(logp, ref_logp, cfg.kl_estimator) * fmask
+    rewards = rl.token_rewards(kl, scores, fmask, kl_ctl.value)
+    advantages, returns = rl.gae(rewards, values, fmask, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
-        advantages = masked_whiten(advantages, fmask)
+        advantages = rl.masked_whiten(advantages, fmask)
     lengths = mask.sum(1).float()
     # the score's std over every process's responses (the other statistics are means, averaged over processes)
-    s = all_sum(torch.stack([torch.tensor(float(n), dtype=torch.float64, device=raw_scores.device),
+    s = rl.all_sum(torch.stack([torch.tensor(float(n), dtype=torch.float64, device=raw_scores.device),
                              raw_scores.double().sum(), (raw_scores.double() ** 2).sum()]))
     score_std = math.sqrt(max(s[2].item() - s[1].item() ** 2 / s[0].item(), 0.0) / (s[0].item() - 1)) if s[0] > 1 else 0.0
     stats = {
         "score_mean": raw_scores.mean().item(), "score_std": score_std,
         "kl": kl.sum(1).mean().item(), "non_score_reward": (rewards.sum(1) - scores).mean().item(),
         "response_length": lengths.mean().item(), "eos_share": ended.float().mean().item(),
-        "value_mean": masked_mean(values, fmask).item(), "return_mean": masked_mean(returns, fmask).item(),
+        "value_mean": rl.masked_mean(values, fmask).item(), "return_mean": rl.masked_mean(returns, fmask).item(),
         "kl_coef": kl_ctl.value,
     }
-    batch = dict(ids=ids, attn=attn, mask=fmask, logp=logp, values=values * fmask, advantages=advantages, returns=returns)
+    batch = {"ids": ids, "attn": attn, "mask": fmask, "logp": logp, "values": values * fmask, "advantages": advantages,
+             "returns": returns}
     return batch, stats, raw_scores
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Update: PPO epochs over minibatches; the loss is policy_loss + vf_coef * value_loss (above).
+# Update: PPO epochs over minibatches; the loss is policy_loss + vf_coef * value_loss (rlhf/rl.py).
 
 
 def average_gradients(params, accelerator) -> None:
@@ -197,17 +282,17 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
                 # recomputation must run with the same adapter active.
                 with torch.set_grad_enabled(train_policy or roles.shared_value):
                     logp, ent, shared_values = roles.policy_forward(mb["ids"], mb["attn"], width, entropy=True, detach_hidden=not train_policy)
-                pg, stats = policy_loss(logp.float(), mb["logp"], mb["advantages"], mb["mask"], cfg.cliprange)
+                pg, stats = rl.policy_loss(logp.float(), mb["logp"], mb["advantages"], mb["mask"], cfg.cliprange)
                 if shared_values is not None:  # one graph: loss = pg + vf_coef * vf
-                    vf, vstats = value_loss(shared_values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
+                    vf, vstats = rl.value_loss(shared_values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
                     accelerator.backward(((pg if train_policy else 0.0) + cfg.vf_coef * vf) * share)
                 else:  # two adapters, two graphs: the same gradients as one backward of pg + vf_coef * vf
                     if train_policy:
                         accelerator.backward(pg * share)
                     values = roles.values(mb["ids"], mb["attn"], width)
-                    vf, vstats = value_loss(values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
+                    vf, vstats = rl.value_loss(values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
                     accelerator.backward(cfg.vf_coef * vf * share)
-                stats.update(vstats, policy_loss=pg.item(), value_loss=vf.item(), entropy=masked_mean(ent, mb["mask"]).item())
+                stats.update(vstats, policy_loss=pg.item(), value_loss=vf.item(), entropy=rl.masked_mean(ent, mb["mask"]).item())
                 for k, v in stats.items():
                     sums.setdefault(k, []).append(v)
             if accelerator.num_processes > 1:  # data parallel: average gradients (the model is not DDP-wrapped)
@@ -220,7 +305,40 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Checkpoints and the saved roles
+# Evaluation on held-out prompts, and the curves
+
+
+@torch.no_grad()
+def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig, metric: str | None, seed: int) -> dict:
+    """Mean reward and task metric on held-out prompts: sampled (PPO's temperature, fixed seed) and greedy."""
+    from rlhf.evaluate import metric_fn
+    from rlhf.generation import decode
+
+    out = {}
+    for mode, sample in (("", True), ("_greedy", False)):
+        if not prompts:  # a process whose share of the held-out prompts is empty (fewer prompts than processes)
+            out.update({f"eval_{k}{mode}": 0.0 for k in ("reward", "eos_share") + (("task_metric",) if metric else ())})
+            continue
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            torch.manual_seed(seed)
+            ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg, do_sample=sample)
+        scores = score_responses(roles, ids, attn, cfg)
+        out[f"eval_reward{mode}"] = scores.mean().item()
+        out[f"eval_eos_share{mode}"] = ended.float().mean().item()
+        if metric:
+            texts = decode(tokenizer, ids[:, -mask.shape[1] :], mask)
+            out[f"eval_task_metric{mode}"] = float(metric_fn(metric)(metas, texts))
+    return out
+
+
+def plot(rows: list[dict], png: Path) -> None:
+    from rlhf.train_utils import plot_curves
+
+    plot_curves(rows, ["score_mean", "kl", "task_metric", "eval_reward", "eval_task_metric", "eos_share", "response_length"], png, "ppo")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints (the saved roles: rlhf/roles.py)
 
 
 def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, limit: int | None,
@@ -297,104 +415,6 @@ def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, sc
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Setup helpers
-
-
-def prompt_order(step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Prompt indices of a PPO step: epochs of seeded shuffles, deterministic in (seed, step) so --resume needs no
-    sampler state; each process takes its own slice."""
-    start = (step * world + rank) * batch
-    out = []
-    for i in range(start, start + batch):
-        epoch = i // n
-        perm = list(range(n))
-        random.Random(seed * 100003 + epoch).shuffle(perm)
-        out.append(perm[i % n])
-    return out
-
-
-def encode_prompts(tokenizer, examples: list[dict], max_len: int, what: str) -> tuple[list[list[int]], list[dict]]:
-    from rlhf.templates import encode_prompt
-
-    kept = [(ids, e) for e in examples if (ids := encode_prompt(tokenizer, e["messages"], max_len))]
-    if examples and not kept:
-        raise ConfigError(
-            f"ppo: every one of the {len(examples)} prompts of {what} is longer than max_prompt_length={max_len} tokens "
-            f"(chat template applied); raise max_prompt_length or use shorter prompts")
-    if len(kept) < len(examples):
-        log.warning("ppo: %d of %d prompts of %s are longer than max_prompt_length=%d and are skipped",
-                    len(examples) - len(kept), len(examples), what, max_len)
-    return [k[0] for k in kept], [k[1] for k in kept]
-
-
-def make_optimizer(name: str, params, lr: float, weight_decay: float):
-    if name in ("adamw_torch", "adamw_torch_fused", "adamw"):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
-    if name == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(params, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False)
-    bnb_names = {"adamw_bnb_8bit": "AdamW8bit", "adamw_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit",
-                 "paged_adamw_32bit": "PagedAdamW32bit"}
-    if name in bnb_names:
-        import bitsandbytes as bnb
-
-        return getattr(bnb.optim, bnb_names[name])(params, lr=lr, weight_decay=weight_decay)
-    raise ConfigError(f"ppo: key 'optim' must be one of adamw_torch, sgd, adafactor, {', '.join(bnb_names)}; got {name!r}")
-
-
-def build_roles(cfg: PPOConfig, pad_token_id: int) -> OneBase:
-    """The one base with PPO's roles (rlhf.roles); pad_token_id: the RM's (its score token)."""
-    from rlhf.loader import AdapterSpec
-    from rlhf.roles import load_head, load_roles, zero_value_head
-
-    adapters = [AdapterSpec("policy", cfg.sft_dir, trainable=True), AdapterSpec("ref", cfg.sft_dir),
-                AdapterSpec("reward", cfg.rm_dir)]
-    if cfg.value_model == "adapter":
-        adapters.append(AdapterSpec("value", cfg.rm_dir, trainable=True))
-    model = load_roles(cfg, adapters)
-    reward_head = load_head(cfg.rm_dir, model)
-    if cfg.value_model == "adapter":
-        value_head = copy.deepcopy(reward_head).requires_grad_(True)  # InstructGPT: critic initialised from the RM
-    else:
-        value_head = zero_value_head(reward_head)
-    shared = cfg.value_model == "shared"
-    return OneBase(model, reward_head, value_head, trainable=["policy"] if shared else ["policy", "value"],
-                   shared_value=shared, temperature=cfg.temperature, pad_token_id=pad_token_id)
-
-
-@torch.no_grad()
-def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig, metric: str | None, seed: int) -> dict:
-    """Mean reward and task metric on held-out prompts: sampled (PPO's temperature, fixed seed) and greedy."""
-    from rlhf.evaluate import metric_fn
-    from rlhf.generation import decode
-
-    out = {}
-    for mode, sample in (("", True), ("_greedy", False)):
-        if not prompts:  # a process whose share of the held-out prompts is empty (fewer prompts than processes)
-            out.update({f"eval_{k}{mode}": 0.0 for k in ("reward", "eos_share") + (("task_metric",) if metric else ())})
-            continue
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            torch.manual_seed(seed)
-            ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg, do_sample=sample)
-        scores = score_responses(roles, ids, attn, cfg)
-        out[f"eval_reward{mode}"] = scores.mean().item()
-        out[f"eval_eos_share{mode}"] = ended.float().mean().item()
-        if metric:
-            texts = decode(tokenizer, ids[:, -mask.shape[1] :], mask)
-            out[f"eval_task_metric{mode}"] = float(metric_fn(metric)(metas, texts))
-    return out
-
-
-def plot(rows: list[dict], png: Path) -> None:
-    from rlhf.train_utils import plot_curves
-
-    plot_curves(rows, ["score_mean", "kl", "task_metric", "eval_reward", "eval_task_metric", "eos_share", "response_length"], png, "ppo")
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The recipe
 
 
@@ -410,7 +430,15 @@ def run(cfg: PPOConfig) -> str:
     from rlhf.loader import inherit_quantization, load_tokenizer
     from rlhf.manifest import check_parent, finish_output, prepare_output
     from rlhf.templates import apply_template, stop_token_ids
-    from rlhf.train_utils import LOG_FILE, all_finite, dataset_metric, diverged, load_train_eval, read_log, resume_point
+    from rlhf.train_utils import (
+        LOG_FILE,
+        all_finite,
+        dataset_metric,
+        diverged,
+        load_train_eval,
+        read_log,
+        resume_point,
+    )
 
     started, requested = time.time(), to_dict(cfg)  # requested: the config as given (rlhf pipeline compares it)
     # --- parents: SFT and RM on the same base
@@ -450,17 +478,18 @@ def run(cfg: PPOConfig) -> str:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(prompts) * cfg.num_train_epochs / (cfg.batch_size * accelerator.num_processes))
     log.info("ppo: %d prompts, %d held-out, %d PPO steps of %d prompts x %d processes, template %s", len(prompts),
              len(eval_prompts), total_steps, cfg.batch_size, accelerator.num_processes, cfg.template)
+    new_optimizer = optimizer_for(cfg)
     work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
 
     # --- model: one base, four roles
     roles = build_roles(cfg, tokenizer.pad_token_id)
     roles.autocast = accelerator.autocast
     params = roles.params
-    optimizer = accelerator.prepare(make_optimizer(cfg.optim, params, cfg.learning_rate, cfg.weight_decay))
+    optimizer = accelerator.prepare(new_optimizer(params))
     updates = total_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates), num_training_steps=updates)
-    kl_ctl = KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
-    score_norm = ScoreNormalizer(cfg.score_norm, cfg.score_clip)
+    kl_ctl = rl.KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
+    score_norm = rl.ScoreNormalizer(cfg.score_norm, cfg.score_clip)
     log_file, samples_file = work / LOG_FILE, work / "samples.jsonl"
     step, metrics = 0, {}
     if ckpt := resume_point(work, cfg.resume, logs=(log_file.name, samples_file.name)):

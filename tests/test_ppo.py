@@ -119,6 +119,25 @@ def test_config_checks():
         load_config(PPOConfig, None, {"temperature": "0"})
 
 
+def test_optimizer_names_are_transformers_as_in_sft():
+    """ppo builds cfg.optim as transformers does for sft/rm (Trainer.get_optimizer_cls_and_kwargs)."""
+    built = {}
+    for name in ("adamw_torch", "adamw_torch_fused", "lion_8bit"):
+        if name == "lion_8bit":
+            pytest.importorskip("bitsandbytes")
+        p = torch.nn.Parameter(torch.ones(4, 4))
+        opt = ppo.optimizer_for(load_config(PPOConfig, None, {"optim": name, "learning_rate": "0.1"}))([p])
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert not torch.equal(p.detach(), torch.ones(4, 4)), name
+        built[name] = opt
+    assert type(built["adamw_torch"]) is torch.optim.AdamW and not built["adamw_torch"].defaults.get("fused")
+    assert built["adamw_torch_fused"].defaults["fused"] is True  # was plain AdamW in ppo
+    assert type(built["lion_8bit"]).__module__.startswith("bitsandbytes") and type(built["lion_8bit"]).__name__ == "Lion"
+    with pytest.raises(ConfigError, match=r"^ppo: key 'optim' is 'adamw_torhc', which transformers does not know; did you mean 'adamw_torch'\?$"):
+        ppo.optimizer_for(load_config(PPOConfig, None, {"optim": "adamw_torhc"}))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # tiny parents
 
@@ -254,6 +273,31 @@ def test_one_step_trains_only_policy_and_value_on_one_base(parents, value_model)
     assert all(torch.equal(base_before[n], p) for n, p in model.named_parameters() if "lora_" not in n)
 
 
+def test_saved_roles_load_back_and_a_wrong_shape_is_refused(parents, tmp_path):
+    """Checkpoints save and load adapters by name through one shape-checked loader (rlhf.loader.load_adapter_weights)."""
+    from safetensors.torch import load_file, save_file
+
+    from rlhf.loader import AdapterError, load_adapter_weights
+    from rlhf.roles import load_value, save_adapter, save_value
+
+    _, roles = build(parents)
+    save_adapter(roles.model, "policy", tmp_path / "policy")
+    save_value(roles, tmp_path / "value")
+    policy, head = lora_state(roles.model, "policy"), roles.value_head.weight.detach().clone()
+    with torch.no_grad():
+        for p in roles.params:
+            p.add_(1.0)
+    load_adapter_weights(roles.model, "policy", tmp_path / "policy")
+    load_value(roles, tmp_path / "value")
+    assert all(torch.equal(policy[n], p) for n, p in lora_state(roles.model, "policy").items())
+    assert torch.equal(head, roles.value_head.weight)
+    w = load_file(str(tmp_path / "policy" / "adapter_model.safetensors"))
+    key = next(k for k in w if "lora_A" in k)
+    save_file({**w, key: torch.zeros(w[key].shape[0] + 1, w[key].shape[1])}, str(tmp_path / "policy" / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="does not fit this base model: .* has shape"):
+        load_adapter_weights(roles.model, "policy", tmp_path / "policy")
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rotary (relative) and learned absolute positions
 def test_logprobs_match_the_sampling_distribution(arch, parents, tiny_model_dir, tmp_path):
     """Left-padded prompts of different lengths: the log-probs PPO computes (temperature-scaled, positions from the
@@ -369,6 +413,13 @@ def test_end_to_end_folder_contract_and_resume(parents, tmp_path):
 
     w1, w2 = load_file(str(out / "adapter_model.safetensors")), load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
+
+
+def test_run_with_an_8bit_optimizer(parents, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    out = ppo.run(cfg_for(parents, tmp_path / "ppo", optim="lion_8bit", max_steps=1, eval_samples=0))
+    train = [r for r in map(json.loads, (Path(out) / "train_log.jsonl").read_text().splitlines()) if "score_mean" in r]
+    assert len(train) == 1 and math.isfinite(train[0]["policy_loss"])
 
 
 def test_nan_reward_stops_naming_the_step_and_keeps_the_checkpoint(parents, tmp_path):

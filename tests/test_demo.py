@@ -31,6 +31,8 @@ def test_sft_loss_falls_and_task_metric_improves_over_base(demo):
 
 
 def test_rm_accuracy(demo):
+    # 0.955-0.995 over 5 seeds (configs/demo/rm.yaml; benchmarks/demo_rm_seeds.py): the bar sits 0.05 below the
+    # worst seed, as another CPU's rounding moves the result the way a seed does
     assert demo["rm"]["metrics"]["eval_accuracy"] >= 0.9, demo["rm"]["metrics"]
 
 

@@ -62,11 +62,15 @@ def make_parents(root: Path, hidden: int, layers: int) -> dict:
         if stage == "sft":
             model, task = AutoModelForCausalLM.from_pretrained(base), "CAUSAL_LM"
         else:
-            model, task = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=tok.pad_token_id), "SEQ_CLS"
-        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type=task, init_lora_weights=False)
+            model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1,
+                                                                       pad_token_id=tok.pad_token_id)
+            task = "SEQ_CLS"
+        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type=task,
+                          init_lora_weights=False)
         get_peft_model(model, lora).save_pretrained(str(work))
         tok.save_pretrained(str(work))
-        out[stage] = str(finish_output(work, root / stage, stage=stage, config={"template": "chatml", "finetuning_type": "lora"},
+        out[stage] = str(finish_output(work, root / stage, stage=stage,
+                                       config={"template": "chatml", "finetuning_type": "lora"},
                                        base_model=base, parent=out.get("sft")))
     return out
 
@@ -85,8 +89,9 @@ def child(args) -> None:
     parents = json.loads(Path(args.workdir, "parents.json").read_text())
     imports_rss = rss_mib()
     cfg = load_config(ppo.PPOConfig, None, dict(
-        sft_dir=parents["sft"], rm_dir=parents["rm"], model_name_or_path=parents["base"], quantization=args.quantization,
-        batch_size=args.batch, mini_batch_size=args.batch // 2, per_device_train_batch_size=args.batch // 2, ppo_epochs=2,
+        sft_dir=parents["sft"], rm_dir=parents["rm"], model_name_or_path=parents["base"],
+        quantization=args.quantization, batch_size=args.batch, mini_batch_size=args.batch // 2,
+        per_device_train_batch_size=args.batch // 2, ppo_epochs=2,
         max_new_tokens=args.new_tokens, per_device_eval_batch_size=args.batch, learning_rate=1e-4))
     tok = load_tokenizer(parents["sft"])
     t0 = time.time()
@@ -104,7 +109,8 @@ def child(args) -> None:
     for step in range(args.steps + 1):
         torch.manual_seed(step)  # the same samples in both variants
         t, c = time.perf_counter(), time.process_time()
-        batch, stats, _ = ppo.rollout(roles, prompts[step * args.batch : (step + 1) * args.batch], tok, stops, cfg, kl_ctl, norm, step)
+        batch, stats, _ = ppo.rollout(roles, prompts[step * args.batch : (step + 1) * args.batch], tok, stops, cfg,
+                                      kl_ctl, norm, step)
         ppo.ppo_update(roles, batch, cfg, optimizer, scheduler, acc, roles.params)
         if step:  # step 0 warms up
             times.append(time.perf_counter() - t)
@@ -113,7 +119,8 @@ def child(args) -> None:
     models = roles.models.values() if args.variant == "four" else [roles.model]
     n_params = len({p.data_ptr() for m in models for p in m.parameters()})
     print(json.dumps({"variant": args.variant, "peak_rss_mib": rss_mib(), "imports_rss_mib": imports_rss,
-                      "s_per_step": sum(times) / len(times), "cpu_s_per_step": sum(cpu_times) / len(cpu_times), "tokens_per_s": tokens / sum(times), "load_s": load_s,
+                      "s_per_step": sum(times) / len(times), "cpu_s_per_step": sum(cpu_times) / len(cpu_times),
+                      "tokens_per_s": tokens / sum(times), "load_s": load_s,
                       "param_tensors": n_params}))
 
 
@@ -127,10 +134,12 @@ class FourModels(OneBase):
 
         from rlhf.loader import AdapterSpec, load_model, load_score_head
 
-        specs = {"policy": (cfg.sft_dir, True), "ref": (cfg.sft_dir, False), "reward": (cfg.rm_dir, False), "value": (cfg.rm_dir, True)}
+        specs = {"policy": (cfg.sft_dir, True), "ref": (cfg.sft_dir, False), "reward": (cfg.rm_dir, False),
+                 "value": (cfg.rm_dir, True)}
         self.models = {}
         for role, (folder, trainable) in specs.items():
-            self.models[role] = load_model(cfg, head="lm", adapters=[AdapterSpec(role, folder, trainable=trainable)], for_training=True)
+            self.models[role] = load_model(cfg, head="lm", adapters=[AdapterSpec(role, folder, trainable=trainable)],
+                                           for_training=True)
             disable_dropout_in_model(self.models[role])
         device = next(self.models["policy"].parameters()).device
         reward_head = load_score_head(cfg.rm_dir).float().to(device).requires_grad_(False)
@@ -153,7 +162,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--steps", type=int, default=3, help="timed PPO steps (after one warm-up step)")
     ap.add_argument("--quantization", default="none", choices=["none", "4bit", "8bit"])
-    ap.add_argument("--repeats", type=int, default=2, help="runs per variant, interleaved; the one with least CPU time is kept")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="runs per variant, interleaved; the one with least CPU time is kept")
     ap.add_argument("--variant", choices=["one", "four"], help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -175,13 +185,15 @@ def main() -> None:
                 if variant not in res or r["cpu_s_per_step"] < res[variant]["cpu_s_per_step"]:
                     res[variant] = r
     one, four = res["one"], res["four"]
-    print(f"llama hidden {cfg_json['hidden_size']}, {cfg_json['num_hidden_layers']} layers, vocab {cfg_json['vocab_size']}, "
-          f"quantization {args.quantization}; batch {args.batch}, {args.new_tokens} new tokens, {args.steps} timed PPO steps "
+    print(f"llama hidden {cfg_json['hidden_size']}, {cfg_json['num_hidden_layers']} layers, "
+          f"vocab {cfg_json['vocab_size']}, quantization {args.quantization}; batch {args.batch}, "
+          f"{args.new_tokens} new tokens, {args.steps} timed PPO steps "
           f"(2 PPO epochs x 2 minibatches each); best of {args.repeats} interleaved runs")
     print(f"{'':26}{'one base':>12}{'four copies':>14}{'one / four':>12}")
     rows = [("peak RSS (MiB)", "peak_rss_mib", ".0f"), ("  after imports (MiB)", "imports_rss_mib", ".0f"),
-            ("  models + run (MiB)", None, ".0f"), ("CPU s per PPO step", "cpu_s_per_step", ".2f"), ("wall s per PPO step", "s_per_step", ".2f"),
-            ("response tokens / s", "tokens_per_s", ".1f"), ("load (s)", "load_s", ".1f"), ("parameter tensors", "param_tensors", "d")]
+            ("  models + run (MiB)", None, ".0f"), ("CPU s per PPO step", "cpu_s_per_step", ".2f"),
+            ("wall s per PPO step", "s_per_step", ".2f"), ("response tokens / s", "tokens_per_s", ".1f"),
+            ("load (s)", "load_s", ".1f"), ("parameter tensors", "param_tensors", "d")]
     for label, key, fmt in rows:
         a = one[key] if key else one["peak_rss_mib"] - one["imports_rss_mib"]
         b = four[key] if key else four["peak_rss_mib"] - four["imports_rss_mib"]

@@ -50,22 +50,30 @@ ROLES = ("policy", "ref", "reward", "value")
 class PPOConfig(ModelConfig, DataConfig, TrainConfig):
     sft_dir: str = opt("", "SFT stage folder: the policy and the KL reference start from its adapter (and tokenizer).")
     rm_dir: str = opt("", "RM stage folder: its adapter and score head give the reward and initialise the critic.")
-    value_model: str = opt("adapter", "Critic: adapter (a trainable `value` adapter + head initialised from the RM, InstructGPT) or shared (a value head on the policy's hidden states).", choices=["adapter", "shared"])
+    value_model: str = opt("adapter", "Critic: adapter (a trainable `value` adapter + head initialised from the RM, "
+                                      "InstructGPT) or shared (a value head on the policy's hidden states).",
+                           choices=["adapter", "shared"])
     batch_size: int = opt(16, "Prompts per PPO step (rollout batch per process).")
-    mini_batch_size: int = opt(8, "Samples per optimizer step; batch_size / mini_batch_size optimizer steps per PPO epoch.")
+    mini_batch_size: int = opt(8, "Samples per optimizer step; batch_size / mini_batch_size optimizer steps per PPO "
+                                  "epoch.")
     ppo_epochs: int = opt(4, "Passes over each rollout batch.")
     max_prompt_length: int = opt(512, "Prompts longer than this (in tokens, template applied) are skipped.")
     max_new_tokens: int = opt(64, "Longest response (trl's response_length).")
     temperature: float = opt(0.7, "Sampling temperature; log-probs use the same temperature-scaled logits [N-impl].")
-    top_k: int = opt(0, "Top-k sampling (0: off). Off by default: log-probs are of the full temperature-scaled distribution.")
+    top_k: int = opt(0, "Top-k sampling (0: off). Off by default: log-probs are of the full temperature-scaled "
+                        "distribution.")
     top_p: float = opt(1.0, "Nucleus sampling (1.0: off); see top_k.")
-    missing_eos_penalty: float | None = opt(None, "Subtract this from the (normalised) score of a response that ends without a stop token (trl).")
+    missing_eos_penalty: float | None = opt(None, "Subtract this from the (normalised) score of a response that ends "
+                                                  "without a stop token (trl).")
     kl_coef: float = opt(0.05, "Initial coefficient of the per-token KL penalty to the reference (trl's kl_coef).")
     adaptive_kl: bool = opt(False, "Adapt kl_coef towards kl_target (Ziegler et al. 2019).")
     kl_target: float = opt(6.0, "Target KL (nats per response) of the adaptive controller.")
     kl_horizon: int = opt(10000, "Horizon (in samples) of the adaptive controller.")
-    kl_estimator: str = opt("k1", "Per-token KL estimator: k1 (log-ratio, trl's default) or k3 (unbiased, never negative).", choices=["k1", "k3"])
-    score_norm: str = opt("none", "Score normalisation by running statistics of all scores so far: none, scale (divide by std; trl's use_score_scaling) or normalize (also subtract the mean; use_score_norm).", choices=["none", "scale", "normalize"])
+    kl_estimator: str = opt("k1", "Per-token KL estimator: k1 (log-ratio, trl's default) or k3 (unbiased, never "
+                                  "negative).", choices=["k1", "k3"])
+    score_norm: str = opt("none", "Score normalisation by running statistics of all scores so far: none, scale "
+                                  "(divide by std; trl's use_score_scaling) or normalize (also subtract the mean; "
+                                  "use_score_norm).", choices=["none", "scale", "normalize"])
     score_clip: float | None = opt(None, "Clip (normalised) scores to [-score_clip, score_clip].")
     gamma: float = opt(1.0, "Discount factor.")
     lam: float = opt(0.95, "GAE lambda.")
@@ -73,17 +81,23 @@ class PPOConfig(ModelConfig, DataConfig, TrainConfig):
     cliprange_value: float = opt(0.2, "Value clip range.")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
     whiten_advantages: bool = opt(True, "Whiten advantages over the rollout's response tokens [N-impl].")
-    critic_warmup_steps: int = opt(0, "First PPO steps that train only the critic, so early advantages are not critic noise (OpenRLHF's freezing_actor_steps).")
+    critic_warmup_steps: int = opt(0, "First PPO steps that train only the critic, so early advantages are not critic "
+                                      "noise (OpenRLHF's freezing_actor_steps).")
     sample_every: int = opt(10, "Write prompt/response/score samples to samples.jsonl every N PPO steps (0: never).")
-    eval_samples: int = opt(64, "Held-out prompts scored (mean reward and task metric) at the start, every eval_steps and at the end (0: off).")
+    eval_samples: int = opt(64, "Held-out prompts scored (mean reward and task metric) at the start, every eval_steps "
+                                "and at the end (0: off).")
     # TrainConfig fields with a PPO meaning
     learning_rate: float = opt(1.41e-5, "Peak learning rate (trl's PPO default).")
-    lr_scheduler_type: str = opt("linear", "Learning-rate schedule over all optimizer steps (linear anneals to 0 [N-impl]).")
+    lr_scheduler_type: str = opt("linear", "Learning-rate schedule over all optimizer steps (linear anneals to 0 "
+                                           "[N-impl]).")
     max_steps: int = opt(-1, "PPO steps (-1: num_train_epochs passes over the prompts).")
     num_train_epochs: float = opt(1.0, "Passes over the prompts when max_steps is -1.")
-    per_device_train_batch_size: int = opt(4, "Micro-batch of the PPO update; mini_batch_size / per_device_train_batch_size micro-batches accumulate per optimizer step.")
+    per_device_train_batch_size: int = opt(4, "Micro-batch of the PPO update; mini_batch_size / "
+                                              "per_device_train_batch_size micro-batches accumulate per optimizer "
+                                              "step.")
     per_device_eval_batch_size: int = opt(16, "Batch of the no-grad passes (generation, reference, reward, value).")
-    gradient_accumulation_steps: int = opt(1, "Not set in PPO: accumulation is mini_batch_size / per_device_train_batch_size.")
+    gradient_accumulation_steps: int = opt(1, "Not set in PPO: accumulation is mini_batch_size / "
+                                              "per_device_train_batch_size.")
     logging_steps: int = opt(1, "Print a log line every N PPO steps (train_log.jsonl has every step).")
     save_steps: int = opt(50, "Write a checkpoint every N PPO steps.")
 
@@ -94,9 +108,11 @@ class PPOConfig(ModelConfig, DataConfig, TrainConfig):
         if self.batch_size % self.mini_batch_size:
             bad("mini_batch_size", f"({self.mini_batch_size}) must divide batch_size ({self.batch_size})")
         if self.mini_batch_size % self.per_device_train_batch_size:
-            bad("per_device_train_batch_size", f"({self.per_device_train_batch_size}) must divide mini_batch_size ({self.mini_batch_size})")
+            bad("per_device_train_batch_size", f"({self.per_device_train_batch_size}) must divide mini_batch_size "
+                                               f"({self.mini_batch_size})")
         if self.gradient_accumulation_steps != 1:
-            bad("gradient_accumulation_steps", "is derived in PPO (mini_batch_size / per_device_train_batch_size); set mini_batch_size instead")
+            bad("gradient_accumulation_steps", "is derived in PPO (mini_batch_size / per_device_train_batch_size); "
+                                               "set mini_batch_size instead")
         if self.temperature <= 0:
             bad("temperature", f"must be > 0 (got {self.temperature}); PPO samples its responses")
         for key in ("max_new_tokens", "max_prompt_length", "ppo_epochs", "batch_size"):
@@ -163,7 +179,8 @@ def encode_prompts(tokenizer, examples: list[dict], max_len: int, what: str) -> 
     kept = [(ids, e) for e in examples if (ids := encode_prompt(tokenizer, e["messages"], max_len))]
     if examples and not kept:
         raise ConfigError(
-            f"ppo: every one of the {len(examples)} prompts of {what} is longer than max_prompt_length={max_len} tokens "
+            f"ppo: every one of the {len(examples)} prompts of {what} is longer than max_prompt_length={max_len} "
+            "tokens "
             f"(chat template applied); raise max_prompt_length or use shorter prompts")
     if len(kept) < len(examples):
         log.warning("ppo: %d of %d prompts of %s are longer than max_prompt_length=%d and are skipped",
@@ -229,7 +246,8 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
     logp, ref_logp, values = torch.cat(logp), torch.cat(ref_logp), torch.cat(values).float()
     raw_scores = score_responses(roles, ids, attn, cfg)
     if not torch.isfinite(raw_scores).all():
-        raise FloatingPointError(f"the reward model returned {raw_scores[~torch.isfinite(raw_scores)][0].item()} at PPO step {step}")
+        raise FloatingPointError(f"the reward model returned {raw_scores[~torch.isfinite(raw_scores)][0].item()} at "
+                                 f"PPO step {step}")
     scores = rl.shape_scores(raw_scores, ended, score_norm, cfg.missing_eos_penalty)
     kl = rl.kl_penalty(logp, ref_logp, cfg.kl_estimator) * fmask
     rewards = rl.token_rewards(kl, scores, fmask, kl_ctl.value)
@@ -240,7 +258,8 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
     # the score's std over every process's responses (the other statistics are means, averaged over processes)
     s = rl.all_sum(torch.stack([torch.tensor(float(n), dtype=torch.float64, device=raw_scores.device),
                              raw_scores.double().sum(), (raw_scores.double() ** 2).sum()]))
-    score_std = math.sqrt(max(s[2].item() - s[1].item() ** 2 / s[0].item(), 0.0) / (s[0].item() - 1)) if s[0] > 1 else 0.0
+    n_all, total, squares = s.tolist()
+    score_std = math.sqrt(max(squares - total**2 / n_all, 0.0) / (n_all - 1)) if n_all > 1 else 0.0
     stats = {
         "score_mean": raw_scores.mean().item(), "score_std": score_std,
         "kl": kl.sum(1).mean().item(), "non_score_reward": (rewards.sum(1) - scores).mean().item(),
@@ -266,7 +285,8 @@ def average_gradients(params, accelerator) -> None:
         g.copy_(avg.view_as(g))
 
 
-def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler, accelerator, params, train_policy: bool = True) -> dict:
+def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler, accelerator, params,
+               train_policy: bool = True) -> dict:
     n, width = len(batch["ids"]), batch["mask"].shape[1]
     micro = cfg.per_device_train_batch_size
     roles.model.train()  # dropout is off (disable_dropout_in_model); train mode only enables gradient checkpointing
@@ -281,18 +301,22 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
                 # Each role's loss is backpropagated right after its forward: with gradient checkpointing the
                 # recomputation must run with the same adapter active.
                 with torch.set_grad_enabled(train_policy or roles.shared_value):
-                    logp, ent, shared_values = roles.policy_forward(mb["ids"], mb["attn"], width, entropy=True, detach_hidden=not train_policy)
+                    logp, ent, shared_values = roles.policy_forward(mb["ids"], mb["attn"], width, entropy=True,
+                                                                    detach_hidden=not train_policy)
                 pg, stats = rl.policy_loss(logp.float(), mb["logp"], mb["advantages"], mb["mask"], cfg.cliprange)
                 if shared_values is not None:  # one graph: loss = pg + vf_coef * vf
-                    vf, vstats = rl.value_loss(shared_values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
+                    vf, vstats = rl.value_loss(shared_values.float(), mb["values"], mb["returns"], mb["mask"],
+                                               cfg.cliprange_value)
                     accelerator.backward(((pg if train_policy else 0.0) + cfg.vf_coef * vf) * share)
                 else:  # two adapters, two graphs: the same gradients as one backward of pg + vf_coef * vf
                     if train_policy:
                         accelerator.backward(pg * share)
                     values = roles.values(mb["ids"], mb["attn"], width)
-                    vf, vstats = rl.value_loss(values.float(), mb["values"], mb["returns"], mb["mask"], cfg.cliprange_value)
+                    vf, vstats = rl.value_loss(values.float(), mb["values"], mb["returns"], mb["mask"],
+                                               cfg.cliprange_value)
                     accelerator.backward(cfg.vf_coef * vf * share)
-                stats.update(vstats, policy_loss=pg.item(), value_loss=vf.item(), entropy=rl.masked_mean(ent, mb["mask"]).item())
+                stats.update(vstats, policy_loss=pg.item(), value_loss=vf.item(),
+                             entropy=rl.masked_mean(ent, mb["mask"]).item())
                 for k, v in stats.items():
                     sums.setdefault(k, []).append(v)
             if accelerator.num_processes > 1:  # data parallel: average gradients (the model is not DDP-wrapped)
@@ -309,7 +333,8 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
 
 
 @torch.no_grad()
-def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig, metric: str | None, seed: int) -> dict:
+def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig, metric: str | None,
+             seed: int) -> dict:
     """Mean reward and task metric on held-out prompts: sampled (PPO's temperature, fixed seed) and greedy."""
     from rlhf.evaluate import metric_fn
     from rlhf.generation import decode
@@ -334,7 +359,8 @@ def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig
 def plot(rows: list[dict], png: Path) -> None:
     from rlhf.train_utils import plot_curves
 
-    plot_curves(rows, ["score_mean", "kl", "task_metric", "eval_reward", "eval_task_metric", "eos_share", "response_length"], png, "ppo")
+    keys = ["score_mean", "kl", "task_metric", "eval_reward", "eval_task_metric", "eos_share", "response_length"]
+    plot_curves(rows, keys, png, "ppo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -362,7 +388,8 @@ def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler,
             {"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}, indent=2))
     accelerator.wait_for_everyone()
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss], "torch": torch.get_rng_state()}
+    rng = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+           "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
     torch.save(rng, tmp / f"rng_state_{accelerator.process_index}.pth")
@@ -384,8 +411,10 @@ def load_plain(path: Path):
     except pickle.UnpicklingError as e:
         from rlhf.manifest import StageError
 
-        raise StageError(f"{path} is not a plain tensor file (weights-only loading refused it: {str(e).splitlines()[0]}); "
-                         f"rlhf writes tensors and plain values only: delete {path.parent} to resume from the checkpoint "
+        raise StageError(f"{path} is not a plain tensor file (weights-only loading refused it: "
+                         f"{str(e).splitlines()[0]}); "
+                         f"rlhf writes tensors and plain values only: delete {path.parent} to resume from the "
+                         "checkpoint "
                          "before it") from None
 
 
@@ -430,15 +459,8 @@ def run(cfg: PPOConfig) -> str:
     from rlhf.loader import inherit_quantization, load_tokenizer
     from rlhf.manifest import check_parent, finish_output, prepare_output
     from rlhf.templates import apply_template, stop_token_ids
-    from rlhf.train_utils import (
-        LOG_FILE,
-        all_finite,
-        dataset_metric,
-        diverged,
-        load_train_eval,
-        read_log,
-        resume_point,
-    )
+    from rlhf.train_utils import (LOG_FILE, all_finite, dataset_metric, diverged, load_train_eval, read_log,
+                                  resume_point)
 
     started, requested = time.time(), to_dict(cfg)  # requested: the config as given (rlhf pipeline compares it)
     # --- parents: SFT and RM on the same base
@@ -450,7 +472,8 @@ def run(cfg: PPOConfig) -> str:
     for folder, m in ((cfg.sft_dir, sft), (cfg.rm_dir, rm)):
         if m["config"].get("finetuning_type", "lora") != "lora" or cfg.finetuning_type != "lora":
             raise ConfigError(f"rlhf ppo puts every role on one base as a LoRA adapter, but {folder} was trained with "
-                              f"finetuning_type={m['config'].get('finetuning_type')} (ppo config: {cfg.finetuning_type}); "
+                              f"finetuning_type={m['config'].get('finetuning_type')} (ppo config: "
+                              f"{cfg.finetuning_type}); "
                               "train SFT and RM with finetuning_type: lora")
     accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
                               cpu=not torch.cuda.is_available())  # cpu: torchrun/accelerate launch on CPUs (gloo)
@@ -463,19 +486,24 @@ def run(cfg: PPOConfig) -> str:
 
     # --- data (checked before the working folder is made)
     tokenizer = load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
-    cfg.template = apply_template(tokenizer, sft["config"].get("template", "auto") if cfg.template == "auto" else cfg.template)
+    cfg.template = apply_template(tokenizer, sft["config"].get("template", "auto") if cfg.template == "auto"
+                                  else cfg.template)
     stop_ids = stop_token_ids(tokenizer)
     rm_pad = load_tokenizer(cfg.rm_dir, cfg.trust_remote_code).pad_token_id
     if rm_pad != tokenizer.pad_token_id:  # the reward is read at the rightmost non-pad token (rlhf.scoring)
-        raise ConfigError(f"ppo: the RM folder {cfg.rm_dir} pads with token id {rm_pad}, the SFT folder {cfg.sft_dir} with "
-                          f"{tokenizer.pad_token_id}: train the RM from this SFT folder (rlhf rm --sft-dir {cfg.sft_dir})")
+        raise ConfigError(f"ppo: the RM folder {cfg.rm_dir} pads with token id {rm_pad}, the SFT folder {cfg.sft_dir} "
+                          "with "
+                          f"{tokenizer.pad_token_id}: train the RM from this SFT folder (rlhf rm --sft-dir "
+                          f"{cfg.sft_dir})")
     train, evals, fingerprints = load_train_eval(cfg, kind="prompt")
     prompts, train_rows = encode_prompts(tokenizer, train, cfg.max_prompt_length, "dataset " + ",".join(cfg.dataset))
-    eval_prompts, eval_rows = encode_prompts(tokenizer, evals[: cfg.eval_samples], cfg.max_prompt_length, "eval_dataset")
+    eval_prompts, eval_rows = encode_prompts(tokenizer, evals[: cfg.eval_samples], cfg.max_prompt_length,
+                                             "eval_dataset")
     metric = dataset_metric(cfg.eval_dataset or cfg.dataset, cfg.registry_file) if eval_rows else None
     train_metric = metric_fn(dataset_metric(cfg.dataset, cfg.registry_file))  # on the rollouts: a reward-hacking alarm
     eval_metas = [e["meta"] for e in eval_rows]
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(prompts) * cfg.num_train_epochs / (cfg.batch_size * accelerator.num_processes))
+    per_step = cfg.batch_size * accelerator.num_processes
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(prompts) * cfg.num_train_epochs / per_step)
     log.info("ppo: %d prompts, %d held-out, %d PPO steps of %d prompts x %d processes, template %s", len(prompts),
              len(eval_prompts), total_steps, cfg.batch_size, accelerator.num_processes, cfg.template)
     new_optimizer = optimizer_for(cfg)
@@ -487,7 +515,8 @@ def run(cfg: PPOConfig) -> str:
     params = roles.params
     optimizer = accelerator.prepare(new_optimizer(params))
     updates = total_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates), num_training_steps=updates)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates),
+                              num_training_steps=updates)
     kl_ctl = rl.KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     score_norm = rl.ScoreNormalizer(cfg.score_norm, cfg.score_clip)
     log_file, samples_file = work / LOG_FILE, work / "samples.jsonl"
@@ -506,10 +535,12 @@ def run(cfg: PPOConfig) -> str:
             return {}
         # each process takes every num_processes-th held-out prompt; the means are weighted by share
         rank, world = accelerator.process_index, accelerator.num_processes
-        res = evaluate(roles, eval_prompts[rank::world], eval_metas[rank::world], tokenizer, stop_ids, cfg, metric, seed=cfg.seed)
+        res = evaluate(roles, eval_prompts[rank::world], eval_metas[rank::world], tokenizer, stop_ids, cfg, metric,
+                       seed=cfg.seed)
         if world > 1:
             n = len(eval_prompts[rank::world])
-            sums = accelerator.reduce(torch.tensor([n] + [v * n for v in res.values()], dtype=torch.float64, device=accelerator.device), "sum")
+            weighted = torch.tensor([n] + [v * n for v in res.values()], dtype=torch.float64, device=accelerator.device)
+            sums = accelerator.reduce(weighted, "sum")
             res = {k: (sums[i + 1] / sums[0]).item() for i, k in enumerate(res)}
         write(log_file, {"step": step, **res})
         log.info("ppo eval (%s, step %d): %s", tag, step, {k: round(v, 4) for k, v in res.items()})
@@ -526,9 +557,11 @@ def run(cfg: PPOConfig) -> str:
     last_saved = step
     while step < total_steps:
         t0 = time.time()
-        idx = prompt_order(step, len(prompts), cfg.batch_size, cfg.seed, accelerator.process_index, accelerator.num_processes)
+        idx = prompt_order(step, len(prompts), cfg.batch_size, cfg.seed, accelerator.process_index,
+                           accelerator.num_processes)
         try:
-            batch, stats, scores = rollout(roles, [prompts[i] for i in idx], tokenizer, stop_ids, cfg, kl_ctl, score_norm, step + 1)
+            batch, stats, scores = rollout(roles, [prompts[i] for i in idx], tokenizer, stop_ids, cfg, kl_ctl,
+                                           score_norm, step + 1)
             t1 = time.time()
             texts = decode(tokenizer, batch["ids"][:, -batch["mask"].shape[1] :], batch["mask"])
             if train_metric:
@@ -536,7 +569,8 @@ def run(cfg: PPOConfig) -> str:
             stats.update(ppo_update(roles, batch, cfg, optimizer, scheduler, accelerator, params,
                                     train_policy=step >= cfg.critic_warmup_steps))
             step += 1
-            stats = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in stats.items()}
+            stats = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
+                     for k, v in stats.items()}
             if bad := [k for k, v in stats.items() if not math.isfinite(v)]:
                 raise FloatingPointError(f"{', '.join(bad)} not finite at PPO step {step}")
             if not all_finite(params):
@@ -554,11 +588,13 @@ def run(cfg: PPOConfig) -> str:
             log.info("ppo step %d: %s", step, {k: round(v, 4) for k, v in stats.items() if k != "step"})
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             for i in range(min(4, len(idx))):
-                write(samples_file, {"step": step, "prompt": tokenizer.decode(prompts[idx[i]]), "response": texts[i], "score": scores[i].item()})
+                write(samples_file, {"step": step, "prompt": tokenizer.decode(prompts[idx[i]]), "response": texts[i],
+                                     "score": scores[i].item()})
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             run_eval(f"step {step}")
         if step % cfg.save_steps == 0:
-            save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit, accelerator)
+            save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit,
+                            accelerator)
             last_saved = step
     bar.close()
 
@@ -569,7 +605,8 @@ def run(cfg: PPOConfig) -> str:
     if last_saved != step:
         save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit, accelerator)
     if main:
-        save_adapter(roles.model, "policy", work)  # the policy at the folder root: PeftModel.from_pretrained(base, folder)
+        # the policy at the folder root: PeftModel.from_pretrained(base, folder)
+        save_adapter(roles.model, "policy", work)
         save_value(roles, work / "value")
         tokenizer.save_pretrained(str(work))
         rows = read_log(work)
@@ -578,7 +615,8 @@ def run(cfg: PPOConfig) -> str:
             metrics.update(score_first=train_rows[0]["score_mean"], score_last=train_rows[-1]["score_mean"],
                            kl_last=train_rows[-1]["kl"], eos_share_last=train_rows[-1]["eos_share"])
         metrics["steps"] = step
-        (work / "trainer_state.json").write_text(json.dumps({"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}, indent=2))
+        state = {"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}
+        (work / "trainer_state.json").write_text(json.dumps(state, indent=2))
         plot(rows, work / "training_curves.png")
         log.info("ppo metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
         finish_output(work, cfg.output_dir, stage="ppo", config=to_dict(cfg), base_model=cfg.model_name_or_path,

@@ -133,8 +133,10 @@ def test_optimizer_names_are_transformers_as_in_sft():
         built[name] = opt
     assert type(built["adamw_torch"]) is torch.optim.AdamW and not built["adamw_torch"].defaults.get("fused")
     assert built["adamw_torch_fused"].defaults["fused"] is True  # was plain AdamW in ppo
-    assert type(built["lion_8bit"]).__module__.startswith("bitsandbytes") and type(built["lion_8bit"]).__name__ == "Lion"
-    with pytest.raises(ConfigError, match=r"^ppo: key 'optim' is 'adamw_torhc', which transformers does not know; did you mean 'adamw_torch'\?$"):
+    lion = type(built["lion_8bit"])
+    assert lion.__module__.startswith("bitsandbytes") and lion.__name__ == "Lion"
+    with pytest.raises(ConfigError, match=r"^ppo: key 'optim' is 'adamw_torhc', which transformers does not know; "
+                                          r"did you mean 'adamw_torch'\?$"):
         ppo.optimizer_for(load_config(PPOConfig, None, {"optim": "adamw_torhc"}))
 
 
@@ -142,7 +144,8 @@ def test_optimizer_names_are_transformers_as_in_sft():
 # tiny parents
 
 
-def make_stage(root: Path, stage: str, base: str, seed: int, parent: str | None = None, finetuning_type: str = "lora") -> str:
+def make_stage(root: Path, stage: str, base: str, seed: int, parent: str | None = None,
+               finetuning_type: str = "lora") -> str:
     """A finished SFT (causal LM) or RM (sequence classification, score head saved) folder with random LoRA."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -163,11 +166,13 @@ def make_stage(root: Path, stage: str, base: str, seed: int, parent: str | None 
     from rlhf.loader import DEFAULT_LORA_TARGETS
 
     arch = model.config.model_type
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS[arch], task_type=task, init_lora_weights=False,
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=DEFAULT_LORA_TARGETS[arch], task_type=task,
+                      init_lora_weights=False,
                       fan_in_fan_out=arch == "gpt2")
     get_peft_model(model, lora).save_pretrained(str(work))
     tok.save_pretrained(str(work))
-    return str(finish_output(work, root / stage, stage=stage, config={"template": "chatml", "finetuning_type": finetuning_type},
+    return str(finish_output(work, root / stage, stage=stage,
+                             config={"template": "chatml", "finetuning_type": finetuning_type},
                              base_model=base, parent=parent))
 
 
@@ -254,7 +259,8 @@ def test_one_step_trains_only_policy_and_value_on_one_base(parents, value_model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     from accelerate import Accelerator
 
-    batch, stats, _ = ppo.rollout(roles, prompts_of(tok), tok, stops, cfg, rl.KLController(0.05), rl.ScoreNormalizer(), step=1)
+    batch, stats, _ = ppo.rollout(roles, prompts_of(tok), tok, stops, cfg, rl.KLController(0.05), rl.ScoreNormalizer(),
+                                  step=1)
     assert stats["kl"] == pytest.approx(0.0, abs=1e-5)  # policy == ref at the start
     for r in ppo.ROLES:  # switching roles keeps requires_grad as the loader set it
         if r in model.peft_config:
@@ -274,7 +280,8 @@ def test_one_step_trains_only_policy_and_value_on_one_base(parents, value_model)
 
 
 def test_saved_roles_load_back_and_a_wrong_shape_is_refused(parents, tmp_path):
-    """Checkpoints save and load adapters by name through one shape-checked loader (rlhf.loader.load_adapter_weights)."""
+    """Checkpoints save and load adapters by name through one shape-checked loader
+    (rlhf.loader.load_adapter_weights)."""
     from safetensors.torch import load_file, save_file
 
     from rlhf.loader import AdapterError, load_adapter_weights
@@ -293,7 +300,8 @@ def test_saved_roles_load_back_and_a_wrong_shape_is_refused(parents, tmp_path):
     assert torch.equal(head, roles.value_head.weight)
     w = load_file(str(tmp_path / "policy" / "adapter_model.safetensors"))
     key = next(k for k in w if "lora_A" in k)
-    save_file({**w, key: torch.zeros(w[key].shape[0] + 1, w[key].shape[1])}, str(tmp_path / "policy" / "adapter_model.safetensors"))
+    wrong = torch.zeros(w[key].shape[0] + 1, w[key].shape[1])
+    save_file({**w, key: wrong}, str(tmp_path / "policy" / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="does not fit this base model: .* has shape"):
         load_adapter_weights(roles.model, "policy", tmp_path / "policy")
 
@@ -330,7 +338,8 @@ def test_critic_warmup_trains_the_critic_only(parents, value_model):
     tok, stops = tokenizer_of(parents)
     opt = torch.optim.SGD(roles.params, lr=0.5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    batch, _, _ = ppo.rollout(roles, prompts_of(tok), tok, stops, cfg, rl.KLController(0.05), rl.ScoreNormalizer(), step=1)
+    batch, _, _ = ppo.rollout(roles, prompts_of(tok), tok, stops, cfg, rl.KLController(0.05), rl.ScoreNormalizer(),
+                              step=1)
     policy, head = lora_state(roles.model, "policy"), roles.value_head.weight.detach().clone()
     ppo.ppo_update(roles, batch, cfg, opt, sched, Accelerator(cpu=True), roles.params, train_policy=False)
     assert all(torch.equal(policy[n], p) for n, p in lora_state(roles.model, "policy").items())
@@ -348,7 +357,8 @@ def test_4bit_lora_gradients_after_generate_match_fresh_load(parents):
         roles.model.train()
         logp = roles.policy_forward(ids, attn, width)[0]
         (-(logp * torch.linspace(-1, 1, width)).sum()).backward()
-        return torch.cat([p.grad.flatten() for n, p in roles.model.named_parameters() if ".policy." in n and p.grad is not None])
+        return torch.cat([p.grad.flatten() for n, p in roles.model.named_parameters()
+                          if ".policy." in n and p.grad is not None])
 
     cfg, used = build(parents, quantization="4bit")
     import bitsandbytes as bnb
@@ -383,7 +393,8 @@ def test_end_to_end_folder_contract_and_resume(parents, tmp_path):
     assert not Path(str(out) + ".partial").exists()
     m = read_manifest(out)
     assert m["stage"] == "ppo" and m["parent"]["stage"] == "sft" and m["config"]["rm_dir"] == parents["rm"]
-    assert m["metrics"]["steps"] == 3 and "eval_reward_before" in m["metrics"] and "eval_task_metric_after" in m["metrics"]
+    assert m["metrics"]["steps"] == 3
+    assert "eval_reward_before" in m["metrics"] and "eval_task_metric_after" in m["metrics"]
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     train = [r for r in rows if "score_mean" in r]
     assert [r["step"] for r in train] == [1, 2, 3]
@@ -394,8 +405,10 @@ def test_end_to_end_folder_contract_and_resume(parents, tmp_path):
     # plain peft loads the policy (folder root) and the critic (RM format)
     base = AutoModelForCausalLM.from_pretrained(parents["base"])
     PeftModel.from_pretrained(base, str(out))
-    critic = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(parents["base"], num_labels=1), str(out / "value"))
-    assert torch.equal(critic.base_model.model.score.modules_to_save["default"].weight, load_score_head(str(out / "value")).weight)
+    seq_cls = AutoModelForSequenceClassification.from_pretrained(parents["base"], num_labels=1)
+    critic = PeftModel.from_pretrained(seq_cls, str(out / "value"))
+    assert torch.equal(critic.base_model.model.score.modules_to_save["default"].weight,
+                       load_score_head(str(out / "value")).weight)
 
     # an interrupted run: checkpoints 1 and 2 written, killed during step 3 (rows of step 3 already logged)
     work = Path(str(tmp_path / "again") + ".partial")
@@ -411,7 +424,8 @@ def test_end_to_end_folder_contract_and_resume(parents, tmp_path):
         assert train2[2][key] == pytest.approx(train[2][key], rel=1e-4, abs=1e-6), key
     from safetensors.torch import load_file
 
-    w1, w2 = load_file(str(out / "adapter_model.safetensors")), load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    w1 = load_file(str(out / "adapter_model.safetensors"))
+    w2 = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)
 
 
@@ -462,5 +476,6 @@ def test_bad_parents(parents, tmp_path, tiny_model_dir):
 
 
 def test_prompts_all_too_long(parents, tmp_path):
-    with pytest.raises(ConfigError, match=r"every one of the 24 prompts of dataset demo_prompts is longer than max_prompt_length=5"):
+    with pytest.raises(ConfigError, match=r"every one of the 24 prompts of dataset demo_prompts is longer than "
+                                          r"max_prompt_length=5"):
         ppo.run(cfg_for(parents, tmp_path / "ppo", max_prompt_length=5))

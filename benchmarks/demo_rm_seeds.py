@@ -28,7 +28,8 @@ import yaml  # noqa: E402
 
 
 def run_stage(stage: str, out: Path, **values) -> tuple[dict, float]:
-    """Run ``stage`` from configs/demo/<stage>.yaml with ``values`` over it, unless ``out`` is finished; (manifest, s)."""
+    """Run ``stage`` from configs/demo/<stage>.yaml with ``values`` over it, unless ``out`` is finished;
+    (manifest, s)."""
     from rlhf.config import load_config
     from rlhf.manifest import read_manifest
     from rlhf.stages import STAGES
@@ -47,10 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 0, 1, 2, 3])
     p.add_argument("--out", default=str(ROOT / "runs" / "demo_rm_seeds"))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="RM config value over configs/demo/rm.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="RM config value over configs/demo/rm.yaml")
     p.add_argument("--tag", default="demo", help="name of this RM recipe's folders (rm_<tag>_s<seed>)")
     p.add_argument("--fixed-sft", action="store_true", help="SFT with seed 42 for every RM seed")
-    p.add_argument("--ppo", action="store_true", help="also PPO (configs/demo/ppo.yaml) on each seed's SFT and RM (~60 s each)")
+    p.add_argument("--ppo", action="store_true",
+                   help="also PPO (configs/demo/ppo.yaml) on each seed's SFT and RM (~60 s each)")
     a = p.parse_args(argv)
     from rlhf.logging_utils import setup_logging
 
@@ -62,13 +65,15 @@ def main(argv: list[str] | None = None) -> None:
     for seed in a.seeds:
         sft_seed = 42 if a.fixed_sft else seed
         sft, _ = run_stage("sft", out / f"sft_s{sft_seed}", model_name_or_path=str(out / "pt"), seed=sft_seed)
-        rm, secs = run_stage("rm", out / f"rm_{a.tag}_s{seed}", sft_dir=str(out / f"sft_s{sft_seed}"), seed=seed, **rm_values)
+        rm, secs = run_stage("rm", out / f"rm_{a.tag}_s{seed}", sft_dir=str(out / f"sft_s{sft_seed}"), seed=seed,
+                             **rm_values)
         row = {"seed": seed, "sft_seed": sft_seed, "sft_task_metric": sft["metrics"].get("task_metric_after"),
                "rm_eval_accuracy": rm["metrics"]["eval_accuracy"], "rm_s": round(secs, 1)}
         if a.ppo:
             ppo, secs = run_stage("ppo", out / f"ppo_{a.tag}_s{seed}", sft_dir=str(out / f"sft_s{sft_seed}"),
                                   rm_dir=str(out / f"rm_{a.tag}_s{seed}"), seed=seed)
-            row.update({k: ppo["metrics"].get(k) for k in ("eval_reward_before", "eval_reward_after", "eval_task_metric_before",
+            row.update({k: ppo["metrics"].get(k) for k in ("eval_reward_before", "eval_reward_after",
+                                                           "eval_task_metric_before",
                                                              "eval_task_metric_after")}, ppo_s=round(secs, 1))
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -75,7 +75,8 @@ def encode_prompts(tokenizer, examples: list[dict], max_length: int, what: str) 
             too_long.append(i)
         ids.append(p)
     if too_long and len(too_long) == len(examples):
-        raise DataError(f"{what}: every prompt is longer than {max_length} tokens (chat template applied); raise --max-length")
+        raise DataError(f"{what}: every prompt is longer than {max_length} tokens (chat template applied); raise "
+                        "--max-length")
     return ids, too_long
 
 
@@ -110,7 +111,8 @@ def lm_loss(model, tokenizer, examples: list[dict], max_length: int, batch_size:
                 ids[j, :n], labels[j, :n], attn[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
             target = labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100, reduction="sum")
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
+                                                    reduction="sum")
             total += nll.item()
             count += int((target != -100).sum())
     if not count:
@@ -173,7 +175,8 @@ def _eval_policy(st: Stage, sft_rows, prompt_rows, metric, replies_needed: bool,
         limit = int(st.config.get("max_prompt_length") or max_length)
         prompts, too_long = encode_prompts(tok, prompt_rows, limit, "eval prompts")
         keep = [i for i in range(len(prompts)) if prompts[i] is not None]
-        got = generate_all(model, tok, [prompts[i] for i in keep], batch_size=s.batch_size, max_new_tokens=max_new_tokens,
+        got = generate_all(model, tok, [prompts[i] for i in keep], batch_size=s.batch_size,
+                           max_new_tokens=max_new_tokens,
                            sampling=s.sampling, desc=f"generate ({st.stage})", progress=s.progress)
         replies = dict(zip(keep, got))
         if too_long:
@@ -192,8 +195,8 @@ def _rewards(rm: Stage, prompt_rows: list[dict], replies: dict, s: EvalSettings)
 
     model, tok = load_stage(rm, quantization=s.quantization, trust_remote_code=s.trust_remote_code)
     idx = sorted(replies)
-    vals = score_pairs(model, tok, [{"messages": prompt_messages(prompt_rows[i])} for i in idx], [replies[i] for i in idx],
-                       int(rm.config.get("max_length") or 1024), s.batch_size)
+    vals = score_pairs(model, tok, [{"messages": prompt_messages(prompt_rows[i])} for i in idx],
+                       [replies[i] for i in idx], int(rm.config.get("max_length") or 1024), s.batch_size)
     del model
     release()
     return dict(zip(idx, vals))
@@ -247,7 +250,8 @@ def evaluate_folder(folder: str, s: EvalSettings, *, rm: str | None = None, base
     need = bool(metric or rm)
     result["metrics"], replies = _eval_policy(st, sft_rows, prompt_rows, metric, need, s, new_tokens)
     if other:
-        result["baseline"]["metrics"], base_replies = _eval_policy(other, sft_rows, prompt_rows, metric, need, s, new_tokens)
+        result["baseline"]["metrics"], base_replies = _eval_policy(other, sft_rows, prompt_rows, metric, need, s,
+                                                                   new_tokens)
     if scorer:
         mine = _rewards(scorer, prompt_rows, replies, s)
         result["metrics"]["reward_mean"] = sum(mine.values()) / len(mine)

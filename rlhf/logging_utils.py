@@ -15,7 +15,8 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
     warnings.filterwarnings("ignore", message=".*inputs will be cast.*")
     # peft calls transformers' deprecated gradient-checkpointing names; nothing a user can change
-    warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable)?` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+                            category=FutureWarning)
     # DeepSpeed calls torch's deprecated all_gather_into_tensor on every ZeRO-3 step
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor` is deprecated", category=FutureWarning)
     # bitsandbytes says at import, on CPUs with AVX512-BF16, that an optional package (`kernels`) is missing; its

@@ -65,7 +65,8 @@ def lock_output(output_dir: str | Path) -> None:
     os.ftruncate(fd, 0)
     os.write(fd, str(os.getpid()).encode())
     _LOCKS[path] = fd
-    atexit.register(unlock_output, output_dir)  # a run that fails leaves no lock file either (a killed one does: harmless)
+    # a run that fails leaves no lock file either (a killed one does: harmless)
+    atexit.register(unlock_output, output_dir)
 
 
 def unlock_output(output_dir: str | Path) -> None:
@@ -87,7 +88,8 @@ def same_request(a: dict | None, b: dict | None) -> bool:
     return json.loads(json.dumps(strip(a), default=str)) == json.loads(json.dumps(strip(b), default=str))
 
 
-def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False, requested: dict | None = None) -> Path:
+def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                   requested: dict | None = None) -> Path:
     """Lock, then create (or reuse, with ``resume``) the working folder of a stage and return it.
 
     Call it once the config, data and tokenizer are checked: a run that fails before it leaves no folder. A
@@ -104,22 +106,26 @@ def prepare_output(output_dir: str | Path, *, resume: bool = False, overwrite: b
     if state.is_main_process:
         lock_output(out)
     if out.exists() and not overwrite:
-        raise StageError(f"{out} already holds a finished stage; pass --overwrite-output-dir true to replace it, or choose another output_dir")
+        raise StageError(f"{out} already holds a finished stage; pass --overwrite-output-dir true to replace it, or "
+                         "choose another output_dir")
     if work.exists() and not resume and not overwrite and last_checkpoint(work):
-        raise StageError(f"{work} holds an unfinished run; pass --resume true to continue it, or --overwrite-output-dir true to start over")
+        raise StageError(f"{work} holds an unfinished run; pass --resume true to continue it, or "
+                         "--overwrite-output-dir true to start over")
     if resume and not work.exists():
         raise StageError(f"--resume: no unfinished run at {work} to continue")
     state.wait_for_everyone()
     if state.is_main_process:
         shutil.rmtree(aside_dir(out), ignore_errors=True)  # left by a finish_output killed mid-swap
         if work.exists() and not resume:
-            log.info("%s: starting over (%s)", work, "--overwrite-output-dir" if overwrite else "it holds no checkpoint to resume")
+            log.info("%s: starting over (%s)", work,
+                     "--overwrite-output-dir" if overwrite else "it holds no checkpoint to resume")
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         if requested is not None:
             old = json.loads((work / REQUEST).read_text()) if (work / REQUEST).is_file() else None
             if resume and old is not None and not same_request(old, requested):
-                changed = sorted(k for k in set(old) | set(requested) if k not in VOLATILE and old.get(k) != requested.get(k))
+                changed = sorted(k for k in set(old) | set(requested)
+                                 if k not in VOLATILE and old.get(k) != requested.get(k))
                 log.warning("resuming %s with changed keys: %s", work, ", ".join(changed))
             (work / REQUEST).write_text(json.dumps(requested, indent=2, default=str))
     state.wait_for_everyone()
@@ -222,7 +228,8 @@ def finish_output(
     parent_info = None
     if parent:
         pm = Path(parent) / MANIFEST
-        parent_info = {"path": str(Path(parent).resolve()), "stage": read_manifest(parent)["stage"], "manifest_sha256": file_sha256(pm)}
+        parent_info = {"path": str(Path(parent).resolve()), "stage": read_manifest(parent)["stage"],
+                       "manifest_sha256": file_sha256(pm)}
     manifest = {
         "stage": stage,
         "base_model": {"path": base_model, "fingerprint": model_fingerprint(base_model)},
@@ -268,7 +275,8 @@ def _command(stage) -> str:
     return STAGES[stage].command if stage in STAGES else str(stage)
 
 
-def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, for_stage: str, base_model: str | None = None) -> dict:
+def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, for_stage: str,
+                 base_model: str | None = None) -> dict:
     """Check that ``folder`` is a finished output of stage ``expect``; return its manifest.
 
     The base model recorded there, when it is a local folder, must still be the one on disk (its fingerprint), and
@@ -277,15 +285,18 @@ def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, fo
     expect = (expect,) if isinstance(expect, str) else tuple(expect)
     run_first = " or ".join(_command(e) for e in expect)
     if not folder:
-        raise StageError(f"{for_stage}: no {'/'.join(expect)} folder given; run {run_first} first and name its output_dir")
+        raise StageError(f"{for_stage}: no {'/'.join(expect)} folder given; run {run_first} first and name its "
+                         "output_dir")
     f = Path(folder)
     if not f.exists():
         if work_dir(f).exists():
-            raise StageError(f"{f} did not finish ({work_dir(f)} is an interrupted run): resume it with `{run_first} CONFIG --resume true`")
+            raise StageError(f"{f} did not finish ({work_dir(f)} is an interrupted run): resume it with `{run_first} "
+                             "CONFIG --resume true`")
         raise StageError(f"{f} does not exist: run {run_first} first (its output_dir), or fix the path")
     m = read_manifest(f)
     if m.get("stage") not in expect:
-        raise StageError(f"{f} is the output of `{_command(m.get('stage'))}`, but {for_stage} needs a {'/'.join(expect)} folder: run {run_first} first")
+        raise StageError(f"{f} is the output of `{_command(m.get('stage'))}`, but {for_stage} needs a "
+                         f"{'/'.join(expect)} folder: run {run_first} first")
     if m.get("stage") != "pt":
         for needed in ("adapter_config.json",):
             if (m.get("config", {}).get("finetuning_type", "lora") == "lora") and not (f / needed).is_file():
@@ -293,7 +304,8 @@ def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, fo
     recorded, have = m["base_model"].get("path"), m["base_model"].get("fingerprint")
     if recorded and Path(recorded).is_dir() and model_fingerprint(recorded) != have:
         raise StageError(
-            f"{f} was trained on base model {recorded} (fingerprint {have}), but the model now in {recorded} is another "
+            f"{f} was trained on base model {recorded} (fingerprint {have}), but the model now in {recorded} is "
+            "another "
             f"one ({model_fingerprint(recorded)}): put the original base back, or rerun {run_first} on the new one"
         )
     if base_model is not None and (want := model_fingerprint(base_model)) != have:

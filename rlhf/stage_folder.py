@@ -51,13 +51,15 @@ def open_stage(folder: str, kinds: tuple[str, ...], command: str) -> Stage:
             raise StageError(f"{folder} is a reward model (`rlhf rm` output): it scores text, it does not write it; "
                              f"{command} needs a {'/'.join(kinds)} folder (score replies with `rlhf score` or "
                              f"`rlhf eval {folder}`)")
-        raise StageError(f"{folder} is the output of `rlhf {m['stage']}`, but {command} needs a {'/'.join(kinds)} folder")
+        raise StageError(f"{folder} is the output of `rlhf {m['stage']}`, but {command} needs a {'/'.join(kinds)} "
+                         "folder")
     return _stage(folder, m)
 
 
 def _stage(folder: str, m: dict) -> Stage:
     lora = m["stage"] != "pt" and m.get("config", {}).get("finetuning_type", "lora") == "lora"
-    return Stage(str(folder), m["stage"], m, m["base_model"]["path"] if lora else str(folder), str(folder) if lora else None)
+    return Stage(str(folder), m["stage"], m, m["base_model"]["path"] if lora else str(folder),
+                 str(folder) if lora else None)
 
 
 def load_stage(st: Stage, *, quantization: str = "stage", dtype: str | None = None, trust_remote_code: bool = False):

@@ -135,9 +135,11 @@ def test_layout_has_no_loop_and_each_floor_imports_only_those_below():
 
 def test_a_violation_is_reported(tmp_path):
     for top, files in {"rlhf": {"__init__.py": "", "a.py": "import click\nfrom rlhf import b\n",
-                                "b.py": "def f():\n    from rlhf.a import x\n", "c.py": "from rlhf.stages.s1 import run\n",
+                                "b.py": "def f():\n    from rlhf.a import x\n",
+                                "c.py": "from rlhf.stages.s1 import run\n",
                                 "cli/__init__.py": "import click\nfrom rlhf.stages import STAGES\n"},
-                       "stages": {"__init__.py": "", "s1.py": "from . import s2\n", "s2.py": "from rlhf.cli import main\n"}}.items():
+                       "stages": {"__init__.py": "", "s1.py": "from . import s2\n",
+                                  "s2.py": "from rlhf.cli import main\n"}}.items():
         for rel, text in files.items():
             (tmp_path / top / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / top / rel).write_text(text)

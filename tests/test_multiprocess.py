@@ -78,10 +78,12 @@ def launch(tmp_path, stage, values):
 
 
 def write_data(tmp_path) -> tuple[str, str]:
-    rows = [{"instruction": f"Which is larger, {a} or {a + 5}?", "output": str(a + 5), "chosen": str(a + 5), "rejected": str(a)}
+    rows = [{"instruction": f"Which is larger, {a} or {a + 5}?", "output": str(a + 5), "chosen": str(a + 5),
+             "rejected": str(a)}
             for a in range(10, 74)]
     sft_data = write_jsonl(tmp_path / "sft.jsonl", [{k: r[k] for k in ("instruction", "output")} for r in rows])
-    pref_data = write_jsonl(tmp_path / "pref.jsonl", [{k: r[k] for k in ("instruction", "chosen", "rejected")} for r in rows])
+    pref_data = write_jsonl(tmp_path / "pref.jsonl",
+                            [{k: r[k] for k in ("instruction", "chosen", "rejected")} for r in rows])
     return sft_data, pref_data
 
 
@@ -94,8 +96,8 @@ def ddp_runs(tiny_model_dir, tmp_path_factory):
     """sft -> rm -> ppo, each on 2 processes (DDP over gloo); every rank's trainable weights are compared."""
     tmp = tmp_path_factory.mktemp("ddp")
     sft_data, pref_data = write_data(tmp)
-    values = {"sft": dict(COMMON, model_name_or_path=tiny_model_dir("llama"), dataset=[sft_data], output_dir=str(tmp / "sft"),
-                          task_eval_samples=0),
+    values = {"sft": dict(COMMON, model_name_or_path=tiny_model_dir("llama"), dataset=[sft_data],
+                          output_dir=str(tmp / "sft"), task_eval_samples=0),
               "rm": dict(COMMON, sft_dir=str(tmp / "sft"), dataset=[pref_data], output_dir=str(tmp / "rm")),
               "ppo": dict(sft_dir=str(tmp / "sft"), rm_dir=str(tmp / "rm"), dataset=[sft_data], eval_dataset=[sft_data],
                           eval_samples=3, output_dir=str(tmp / "ppo"), max_steps=3, batch_size=4, mini_batch_size=4,
@@ -122,7 +124,8 @@ def require_deepspeed():
 
     if importlib.util.find_spec("deepspeed") is None:
         if os.environ.get("RLHF_REQUIRE_DEEPSPEED"):
-            pytest.fail("RLHF_REQUIRE_DEEPSPEED is set but deepspeed is not installed (scripts/test.sh installs .[deepspeed])")
+            pytest.fail("RLHF_REQUIRE_DEEPSPEED is set but deepspeed is not installed (scripts/test.sh installs "
+                        ".[deepspeed])")
         pytest.skip("deepspeed is not installed: pip install -e '.[deepspeed]'")
 
 
@@ -131,8 +134,8 @@ def launch_cli(tmp_path, stage: str, values: dict, config_file: Path) -> dict:
     cfg = tmp_path / f"{stage}.yaml"
     cfg.write_text(yaml.safe_dump(values))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "rlhf", stage, str(cfg)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config_file), "--num_processes",
+           "2", "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m", "rlhf", stage, str(cfg)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return read_manifest(values["output_dir"])
@@ -147,38 +150,49 @@ def test_deepspeed_zero3_offload_sft_and_zero2_rm_match_ddp(ddp_runs, tmp_path):
     ddp_tmp, values, _ = ddp_runs
     configs = Path(__file__).parents[1] / "configs" / "accelerate"
     # sft with a held-out task metric: under ZeRO-3 every process must generate, or the main one waits forever
-    sft = launch_cli(tmp_path, "sft", dict(values["sft"], output_dir=str(tmp_path / "sft"), eval_dataset=["demo_sft_eval"],
-                                           task_eval_samples=4, eval_steps=100), configs / "deepspeed_zero3_offload.yaml")
+    sft = launch_cli(tmp_path, "sft",
+                     dict(values["sft"], output_dir=str(tmp_path / "sft"), eval_dataset=["demo_sft_eval"],
+                                           task_eval_samples=4, eval_steps=100),
+                                           configs / "deepspeed_zero3_offload.yaml")
     assert sft["launch"] == {"num_processes": 2, "distributed_type": "DEEPSPEED", "zero_stage": 3}
     assert sft["metrics"]["task_metric_after"] is not None
-    rm = launch_cli(tmp_path, "rm", dict(values["rm"], output_dir=str(tmp_path / "rm")), configs / "deepspeed_zero2.yaml")
+    rm = launch_cli(tmp_path, "rm", dict(values["rm"], output_dir=str(tmp_path / "rm")),
+                    configs / "deepspeed_zero2.yaml")
     assert rm["launch"]["zero_stage"] == 2
     for stage in ("sft", "rm"):
-        ours, ddp = load_file(tmp_path / stage / "adapter_model.safetensors"), load_file(ddp_tmp / stage / "adapter_model.safetensors")
+        ours = load_file(tmp_path / stage / "adapter_model.safetensors")
+        ddp = load_file(ddp_tmp / stage / "adapter_model.safetensors")
         assert ours.keys() == ddp.keys() and any("score" in k for k in ours) == (stage == "rm")
         for k in ddp:
-            torch.testing.assert_close(ours[k], ddp[k], atol=2e-4, rtol=1e-3, msg=f"{stage}: {k} differs from the DDP run")
+            torch.testing.assert_close(ours[k], ddp[k], atol=2e-4, rtol=1e-3,
+                                       msg=f"{stage}: {k} differs from the DDP run")
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(values["sft"]["model_name_or_path"]), str(tmp_path / "sft"))
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(values["sft"]["model_name_or_path"]),
+                              str(tmp_path / "sft"))
 
 
 def test_pipeline_launches_stages_on_two_processes(tiny_model_dir, tmp_path):
-    """sft under accelerate launch (the pipeline's `launch:`), rm under torchrun (its own `launch:`); a rerun skips both."""
+    """sft under accelerate launch (the pipeline's `launch:`), rm under torchrun (its own `launch:`); a rerun skips
+    both."""
     sft_data, pref_data = write_data(tmp_path)
-    common = dict(max_steps=4, learning_rate=1e-2, per_device_train_batch_size=4, logging_steps=1, save_steps=100, max_length=64)
+    common = dict(max_steps=4, learning_rate=1e-2, per_device_train_batch_size=4, logging_steps=1, save_steps=100,
+                  max_length=64)
     spec = {"output_root": str(tmp_path / "runs"), "shared": {"model_name_or_path": tiny_model_dir("llama")},
             "launch": {"launcher": "accelerate", "config_file": str(CPU_CONFIG), "num_processes": 2},
             "stages": {"sft": dict(common, dataset=[str(sft_data)], task_eval_samples=0),
-                       "rm": dict(common, dataset=[str(pref_data)], launch={"launcher": "torchrun", "num_processes": 2})}}
+                       "rm": dict(common, dataset=[str(pref_data)],
+                                  launch={"launcher": "torchrun", "num_processes": 2})}}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(spec))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    run = lambda: subprocess.run([sys.executable, "-m", "rlhf", "pipeline", str(path)], env=env, capture_output=True, text=True, timeout=240)  # noqa: E731
+    run = lambda: subprocess.run([sys.executable, "-m", "rlhf", "pipeline", str(path)], env=env, capture_output=True,
+                                 text=True, timeout=240)  # noqa: E731
     r = run()
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "accelerate.commands.launch --config_file" in r.stdout and "torch.distributed.run --nproc_per_node 2" in r.stdout
+    assert "accelerate.commands.launch --config_file" in r.stdout
+    assert "torch.distributed.run --nproc_per_node 2" in r.stdout
     for stage in ("sft", "rm"):
         m = read_manifest(tmp_path / "runs" / stage)
         assert m["stage"] == stage and m["metrics"]["train_loss_last"] is not None

@@ -15,7 +15,8 @@ from rlhf.cli.pipeline import inspect_cmd, lineage, run_pipeline
 def pipeline_file(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipe")
     sft_rows = [{"instruction": f"Which is larger, {a} or {a + 5}?", "output": str(a + 5)} for a in range(10, 40)]
-    pref_rows = [{"instruction": f"Which is larger, {a} or {a + 5}?", "chosen": str(a + 5), "rejected": str(a)} for a in range(10, 40)]
+    pref_rows = [{"instruction": f"Which is larger, {a} or {a + 5}?", "chosen": str(a + 5),
+                  "rejected": str(a)} for a in range(10, 40)]
     for name, rows in (("sft", sft_rows), ("pref", pref_rows)):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = dict(max_steps=3, logging_steps=1, save_steps=100, max_length=64)
@@ -113,7 +114,8 @@ def test_launch_applies_per_stage_and_never_to_pt(tmp_path):
     acc.write_text("distributed_type: MULTI_GPU\n")
     p = tmp_path / "p.yaml"
     p.write_text("launch: {config_file: acc.yaml, num_processes: 2}\n"  # relative to the pipeline file
-                 "stages: {pt: {}, sft: {dataset: [x]}, rm: {dataset: [y], launch: {launcher: torchrun, num_processes: 4}},"
+                 "stages: {pt: {}, sft: {dataset: [x]}, rm: {dataset: [y], launch: {launcher: torchrun, num_processes: "
+                 "4}},"
                  " ppo: {dataset: [z], launch: false}}\n")
     launches = {stage: launch for stage, _, launch in stage_configs(str(p))}
     assert launches["pt"] is None and launches["ppo"] is None
@@ -121,7 +123,8 @@ def test_launch_applies_per_stage_and_never_to_pt(tmp_path):
     cmd = launch_command(launches["sft"], "sft", "cfg.yaml")
     assert cmd[1:3] == ["-m", "accelerate.commands.launch"] and cmd[-4:] == ["-m", "rlhf", "sft", "cfg.yaml"]
     assert "--num_processes" in cmd and "--main_process_port" in cmd
-    assert launch_command(launches["rm"], "rm", "c.yaml")[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "4"]
+    cmd = launch_command(launches["rm"], "rm", "c.yaml")
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--nproc_per_node", "4"]
     p.write_text("stages: {pt: {launch: {num_processes: 2}}}\n")
     with pytest.raises(ConfigError, match="pt trains its small base in one process"):
         stage_configs(str(p))

@@ -33,8 +33,10 @@ def chain(tiny_model_dir, tmp_path_factory):
     base = tiny_model_dir("llama")
     tmp = tmp_path_factory.mktemp("use")
     train, held = PAIRS[:60], PAIRS[60:68]
-    sft_rows = lambda ps: [{"instruction": question(a, b), "output": str(max(a, b)), "answer": str(max(a, b))} for a, b in ps]  # noqa: E731
-    pref_rows = lambda ps: [{"instruction": question(a, b), "chosen": str(max(a, b)), "rejected": str(min(a, b))} for a, b in ps]  # noqa: E731
+    sft_rows = lambda ps: [{"instruction": question(a, b), "output": str(max(a, b)), "answer": str(max(a, b))} for a,
+                           b in ps]  # noqa: E731
+    pref_rows = lambda ps: [{"instruction": question(a, b), "chosen": str(max(a, b)), "rejected": str(min(a, b))} for a,
+                            b in ps]  # noqa: E731
     write_jsonl(tmp / "sft.jsonl", sft_rows(train))
     write_jsonl(tmp / "sft_eval.jsonl", sft_rows(held))
     write_jsonl(tmp / "pref.jsonl", pref_rows(train))
@@ -76,7 +78,8 @@ def plain_rm(base, folder, pad_id):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    m = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=pad_id), folder)
+    base_model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, pad_token_id=pad_id)
+    m = PeftModel.from_pretrained(base_model, folder)
     return m.eval()
 
 
@@ -92,7 +95,8 @@ def greedy_reply(model, tok, messages, max_new_tokens=6):
     stops = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stops, pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+                             do_sample=False, eos_token_id=stops,
+                             pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
     cut = next((k for k, t in enumerate(out) if t in stops), len(out))
     return tok.decode(out[:cut], skip_special_tokens=True)
 
@@ -120,7 +124,8 @@ def test_export_sft_and_ppo_match_the_adapter_model(chain, tmp_path):
     x = tok(question(12, 77), return_tensors="pt")
     for stage in ("sft", "ppo"):
         out = tmp_path / stage
-        r = CliRunner().invoke(cli, ["export", chain[stage], "--out", str(out), "--dtype", "float32", "--max-shard-size", "100KB"])
+        r = CliRunner().invoke(cli, ["export", chain[stage], "--out", str(out), "--dtype", "float32",
+                                     "--max-shard-size", "100KB"])
         assert r.exit_code == 0, r.output
         assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("*.safetensors"))) > 1  # sharded
         assert not (out / "adapter_config.json").exists()
@@ -182,7 +187,8 @@ def test_export_of_a_4bit_stage_merges_into_an_unquantized_base(chain, tmp_path)
     from rlhf.stages import sft
 
     q = sft.run(load_config(sft.SFTConfig, None, dict(
-        model_name_or_path=chain["base"], dataset="t_sft", registry_file=chain["registry"], output_dir=str(tmp_path / "q"),
+        model_name_or_path=chain["base"], dataset="t_sft", registry_file=chain["registry"],
+        output_dir=str(tmp_path / "q"),
         quantization="4bit", max_steps=2, max_length=64, task_eval_samples=0, lora_target="all-linear")))
     r = CliRunner().invoke(cli, ["export", q, "--out", str(tmp_path / "qx"), "--dtype", "float32"])
     assert r.exit_code == 0, r.output
@@ -287,12 +293,14 @@ def test_chat_in_a_terminal_answers_keeps_history_and_resets(chain):
 
 
 def test_generate_batches_match_one_by_one_replies(chain, tmp_path):
-    rows = [{"instruction": question(12, 77), "id": 1}, {"instruction": "Which is larger?", "input": "31 or 45", "id": 2},
+    rows = [{"instruction": question(12, 77), "id": 1},
+            {"instruction": "Which is larger?", "input": "31 or 45", "id": 2},
             {"messages": [{"role": "user", "content": "Hi"}], "id": 3}, {"prompt": question(5, 6), "id": 4},
             {"instruction": "Say more.", "system": "Be brief.", "id": 5}]
     inp = write_jsonl(tmp_path / "in.jsonl", rows)
     out = tmp_path / "out.jsonl"
-    r = CliRunner().invoke(cli, ["generate", chain["ppo"], "--input", inp, "--output", str(out), "--batch-size", "2", "--max-new-tokens", "6"])
+    r = CliRunner().invoke(cli, ["generate", chain["ppo"], "--input", inp, "--output", str(out), "--batch-size", "2",
+                                 "--max-new-tokens", "6"])
     assert r.exit_code == 0, r.output
     got = [json.loads(line) for line in out.read_text().splitlines()]
     model, tok = plain_policy(chain["base"], chain["ppo"]), tokenizer_of(chain["ppo"])
@@ -334,13 +342,15 @@ def test_eval_sft_loss_perplexity_and_task_metric(chain, tmp_path):
     held = PAIRS[60:68]
     replies = [greedy_reply(model, tok, user(question(a, b))) for a, b in held]
     # the checkable answer is the model's own reply on even rows and wrong on odd ones: the metric must be 0.5
-    rows = [{"instruction": question(a, b), "output": str(max(a, b)), "answer": extract_answer(r) if i % 2 == 0 else "wrong"}
+    rows = [{"instruction": question(a, b), "output": str(max(a, b)),
+             "answer": extract_answer(r) if i % 2 == 0 else "wrong"}
             for i, ((a, b), r) in enumerate(zip(held, replies))]
     write_jsonl(tmp_path / "check.jsonl", rows)
-    (tmp_path / "reg.json").write_text(json.dumps({"t_check": {"source": "file", "path": "check.jsonl", "format": "instruction",
-                                                               "metric": "demo_task"}}))
+    (tmp_path / "reg.json").write_text(json.dumps({"t_check": {"source": "file", "path": "check.jsonl",
+                                                               "format": "instruction", "metric": "demo_task"}}))
     js = tmp_path / "e.json"
-    r = CliRunner().invoke(cli, ["eval", chain["sft"], "--dataset", "t_check", "--registry-file", str(tmp_path / "reg.json"),
+    r = CliRunner().invoke(cli,
+                           ["eval", chain["sft"], "--dataset", "t_check", "--registry-file", str(tmp_path / "reg.json"),
                                       "--json-out", str(js), "--max-new-tokens", "6", "--batch-size", "3"])
     assert r.exit_code == 0, r.output
     res = json.loads(js.read_text())
@@ -370,7 +380,8 @@ def test_eval_rm_pairwise_accuracy(chain, tmp_path):
     tok = tokenizer_of(chain["rm"])
     model = plain_rm(chain["base"], chain["rm"], tok.pad_token_id)
     held = PAIRS[60:68]
-    margins = [rm_score(model, tok, user(question(a, b)), str(max(a, b))) - rm_score(model, tok, user(question(a, b)), str(min(a, b)))
+    margins = [rm_score(model, tok, user(question(a, b)),
+                        str(max(a, b))) - rm_score(model, tok, user(question(a, b)), str(min(a, b)))
                for a, b in held]
     assert m["pairs"] == len(held)
     assert m["accuracy"] == pytest.approx(sum(d > 0 for d in margins) / len(held))
@@ -380,7 +391,8 @@ def test_eval_rm_pairwise_accuracy(chain, tmp_path):
 
 def test_eval_policy_reward_and_win_rate_against_baseline(chain, tmp_path):
     js = tmp_path / "ppo.json"
-    r = CliRunner().invoke(cli, ["eval", chain["ppo"], "--rm", chain["rm"], "--baseline", chain["sft"], "--json-out", str(js),
+    r = CliRunner().invoke(cli, ["eval", chain["ppo"], "--rm", chain["rm"], "--baseline", chain["sft"], "--json-out",
+                                 str(js),
                                       "--max-new-tokens", "6"])
     assert r.exit_code == 0, r.output
     res = json.loads(js.read_text())
@@ -423,7 +435,8 @@ def test_chat_history_drops_oldest_exchanges_to_fit(tiny_model_dir):
     sys_msg = [{"role": "system", "content": "Be brief."}]
     turns = []
     for i in range(3):
-        turns += [{"role": "user", "content": f"Question number {i}?"}, {"role": "assistant", "content": f"Answer {i}."}]
+        turns += [{"role": "user", "content": f"Question number {i}?"},
+                  {"role": "assistant", "content": f"Answer {i}."}]
     convo = sys_msg + turns + user("Last one?")
     full = encode_prompt(tok, convo, 10_000)
     ids, kept = fit_history(tok, convo, len(full))

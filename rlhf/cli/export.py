@@ -92,7 +92,8 @@ def export_stage(folder: str, out: str, *, dtype: str = "bfloat16", max_shard_si
 @click.command("export")
 @click.argument("folder")
 @click.option("--out", required=True, help="Folder to write the merged model to.")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True, help="Weights dtype of the export.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bfloat16", show_default=True,
+              help="Weights dtype of the export.")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard (e.g. 500MB, 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @trust_remote_code_option

@@ -52,7 +52,8 @@ def launch_spec(raw, where: str, base_dir: Path) -> dict | None:
     if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
         raise ConfigError(f"{where}: launch.num_processes must be a whole number >= 1, not {n!r}")
     if spec["launcher"] == "torchrun" and (n is None or spec["config_file"]):
-        raise ConfigError(f"{where}: torchrun needs launch.num_processes and takes no config_file (that is accelerate's)")
+        raise ConfigError(f"{where}: torchrun needs launch.num_processes and takes no config_file (that is "
+                          "accelerate's)")
     if (f := spec["config_file"]) and not Path(f).is_file() and (base_dir / f).is_file():
         spec["config_file"] = str(base_dir / f)
     if spec["config_file"] and not Path(spec["config_file"]).is_file():
@@ -97,11 +98,13 @@ def run_launched(spec: dict, stage: str, cfg, root: Path, pipeline_file: str) ->
     click.echo(f"[pipeline] {stage}: {' '.join(cmd[1:])}")
     rc = subprocess.run(cmd).returncode
     if rc != 0:
-        raise StageError(f"{stage} failed under {spec['launcher']} (exit code {rc}; its output is above). Fix the cause and "
+        raise StageError(f"{stage} failed under {spec['launcher']} (exit code {rc}; its output is above). Fix the "
+                         "cause and "
                          f"rerun `rlhf pipeline {pipeline_file}`: it resumes the stage from its last checkpoint")
 
 
-def stage_configs(path: str, overrides: dict | None = None, output_root: str | None = None) -> list[tuple[str, object, dict | None]]:
+def stage_configs(path: str, overrides: dict | None = None,
+                  output_root: str | None = None) -> list[tuple[str, object, dict | None]]:
     """(stage, typed config, launch spec) in run order, with shared keys, links and output folders filled in."""
     from rlhf.config import ConfigError, build, fields_of, nearest, read_yaml
 
@@ -121,7 +124,8 @@ def stage_configs(path: str, overrides: dict | None = None, output_root: str | N
     for stage in [s for s in STAGES if s in stages]:
         entry = stages[stage]
         entry = {"config": entry} if isinstance(entry, str) else dict(entry or {})
-        launch = launch_spec(entry.pop("launch"), f"{path} (stages.{stage})", Path(path).parent) if "launch" in entry else default_launch
+        launch = launch_spec(entry.pop("launch"), f"{path} (stages.{stage})",
+                             Path(path).parent) if "launch" in entry else default_launch
         if stage == "pt" and launch:
             if "launch" in (stages[stage] if isinstance(stages[stage], dict) else {}):
                 raise ConfigError(f"{path} (stages.pt): pt trains its small base in one process; drop its `launch:`")
@@ -162,7 +166,8 @@ def up_to_date(stage: str, cfg) -> tuple[bool, str]:
     m = read_manifest(out)
     if not same_request(m.get("requested"), to_dict(cfg)):
         old, new = m.get("requested") or {}, to_dict(cfg)
-        changed = sorted(k for k in set(old) | set(new) if k not in ("resume", "overwrite_output_dir") and old.get(k) != new.get(k))
+        changed = sorted(k for k in set(old) | set(new)
+                         if k not in ("resume", "overwrite_output_dir") and old.get(k) != new.get(k))
         return False, f"config changed ({', '.join(changed)})"
     names = list(getattr(cfg, "dataset", [])) + list(getattr(cfg, "eval_dataset", []))
     if names and fingerprint(names, getattr(cfg, "registry_file", None)) != m.get("datasets"):
@@ -206,7 +211,8 @@ def run_pipeline(path: str, *, start: str | None = None, only: str | None = None
         if hasattr(cfg, "resume"):
             cfg.resume = resume
         cfg.overwrite_output_dir = True
-        click.echo(f"[pipeline] {stage}: {'resuming interrupted run' if resume else 'running'} ({why if not forced else 'asked to'}) -> {cfg.output_dir}")
+        click.echo(f"[pipeline] {stage}: {'resuming interrupted run' if resume else 'running'} "
+                   f"({why if not forced else 'asked to'}) -> {cfg.output_dir}")
         if launch:
             run_launched(launch, stage, cfg, Path(cfg.output_dir).parent, path)
         else:
@@ -251,7 +257,8 @@ def format_lineage(chain: list[dict]) -> str:
             lines.append(f"  dataset: {name} ({str(fp)[:16]})")
         hp = {k: cfg[k] for k in KEY_HPARAMS if k in cfg}
         lines.append("  " + ", ".join(f"{k}={v}" for k, v in hp.items()))
-        metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in (m.get("metrics") or {}).items() if v is not None}
+        metrics = {k: (round(v, 4) if isinstance(v, float) else v) for k,
+                   v in (m.get("metrics") or {}).items() if v is not None}
         lines.append(f"  metrics: {json.dumps(metrics)}")
         if m.get("wall_seconds") is not None:
             lines.append(f"  wall time: {m['wall_seconds']:.1f} s")

@@ -34,18 +34,23 @@ def setup_logging(level: str = "info") -> None:
 
 trust_remote_code_option = click.option(
     "--trust-remote-code", is_flag=True,
-    help="Run the base model's own Python code (auto_map in its config.json), if you trust it; a stage folder never turns this on.")
+    help="Run the base model's own Python code (auto_map in its config.json), if you trust it; a stage folder never "
+         "turns this on.")
 
 
 def generation_options(f):
     """Sampling settings shared by chat, generate and eval."""
     opts = [
-        click.option("--max-new-tokens", type=int, default=None, help="Longest reply in tokens [default: chat 256; generate/eval the stage's max_new_tokens, else 256]."),
-        click.option("--temperature", type=float, default=None, help="Sampling temperature; 0 is greedy decoding [default: chat 0.7, generate/eval 0]."),
+        click.option("--max-new-tokens", type=int, default=None,
+                     help="Longest reply in tokens [default: chat 256; generate/eval the stage's max_new_tokens, "
+                     "else 256]."),
+        click.option("--temperature", type=float, default=None,
+                     help="Sampling temperature; 0 is greedy decoding [default: chat 0.7, generate/eval 0]."),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling (1.0: off)."),
         click.option("--top-k", type=int, default=0, show_default=True, help="Top-k sampling (0: off)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed for sampling."),
-        click.option("--quantization", type=click.Choice(["stage", "none", "4bit", "8bit"]), default="stage", show_default=True,
+        click.option("--quantization", type=click.Choice(["stage", "none", "4bit", "8bit"]), default="stage",
+                     show_default=True,
                      help="Load the base as the stage trained (stage), or unquantized / 4-bit / 8-bit."),
         trust_remote_code_option,
     ]
@@ -164,7 +169,8 @@ def _context_length(model) -> int:
 @click.command("chat")
 @click.argument("folder")
 @click.option("--system", default=None, help="System prompt for the conversation.")
-@click.option("--max-length", type=int, default=None, help="Context in tokens (prompt + reply); older turns are dropped to fit [default: the model's].")
+@click.option("--max-length", type=int, default=None,
+              help="Context in tokens (prompt + reply); older turns are dropped to fit [default: the model's].")
 @generation_options
 def chat(folder, system, max_length, max_new_tokens, temperature, top_p, top_k, seed, quantization, trust_remote_code):
     """Chat in the terminal with an SFT or PPO folder (its chat template, streamed replies, multi-turn).
@@ -233,13 +239,15 @@ def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: i
 
 @click.command("generate")
 @click.argument("folder")
-@click.option("--input", "input_path", required=True, help="JSONL prompts: instruction (+input/system/history), prompt, or messages per row.")
+@click.option("--input", "input_path", required=True,
+              help="JSONL prompts: instruction (+input/system/history), prompt, or messages per row.")
 @click.option("--output", "output_path", required=True, help="JSONL out: each input row with `response` added.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
-@click.option("--max-length", type=int, default=None, help="Longest prompt in tokens, template applied [default: the stage's max_prompt_length or max_length].")
+@click.option("--max-length", type=int, default=None,
+              help="Longest prompt in tokens, template applied [default: the stage's max_prompt_length or max_length].")
 @generation_options
-def generate_cmd(folder, input_path, output_path, batch_size, max_length, max_new_tokens, temperature, top_p, top_k, seed,
-                 quantization, trust_remote_code):
+def generate_cmd(folder, input_path, output_path, batch_size, max_length, max_new_tokens, temperature, top_p, top_k,
+                 seed, quantization, trust_remote_code):
     """Batched generation with an SFT or PPO folder over a JSONL file of prompts."""
     import torch
 
@@ -273,19 +281,24 @@ def format_table(result: dict) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    head = f"rlhf eval: {result['stage']} folder on {', '.join(result['datasets'])}" + (f", rewards from {result['rm']}" if result.get("rm") else "")
+    rm = f", rewards from {result['rm']}" if result.get("rm") else ""
+    head = f"rlhf eval: {result['stage']} folder on {', '.join(result['datasets'])}{rm}"
     return head + "\n" + "\n".join(lines)
 
 
 @click.command("eval")
 @click.argument("folder")
-@click.option("--dataset", "datasets", multiple=True, help="Registry name or file (repeatable) [default: the stage's eval_dataset].")
-@click.option("--registry-file", default=None, help="Your registry file, merged over the built-in one [default: the stage's].")
+@click.option("--dataset", "datasets", multiple=True,
+              help="Registry name or file (repeatable) [default: the stage's eval_dataset].")
+@click.option("--registry-file", default=None,
+              help="Your registry file, merged over the built-in one [default: the stage's].")
 @click.option("--num-samples", type=int, default=None, help="Use at most this many rows of each dataset.")
 @click.option("--rm", "rm_dir", default=None, help="RM folder: score the policy's replies (mean reward).")
-@click.option("--baseline", default=None, help="Another folder of the same kind, measured the same way (with --rm: win rate against it).")
+@click.option("--baseline", default=None,
+              help="Another folder of the same kind, measured the same way (with --rm: win rate against it).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Rows per forward/generation batch.")
-@click.option("--max-length", type=int, default=None, help="Longest example in tokens [default: the stage's max_length].")
+@click.option("--max-length", type=int, default=None,
+              help="Longest example in tokens [default: the stage's max_length].")
 @click.option("--json-out", default=None, help="Also write the results as JSON to this file.")
 @generation_options
 def eval_cmd(folder, datasets, registry_file, num_samples, rm_dir, baseline, batch_size, max_length, json_out,
@@ -341,7 +354,8 @@ def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int =
 
 @click.command("score")
 @click.argument("rm_dir")
-@click.option("--input", "input_path", required=True, help="JSONL rows: prompt (instruction/input, prompt or messages) and `response`.")
+@click.option("--input", "input_path", required=True,
+              help="JSONL rows: prompt (instruction/input, prompt or messages) and `response`.")
 @click.option("--output", "output_path", required=True, help="Where to write the rows with a `score` key added.")
 @click.option("--max-length", default=1024, show_default=True, help="Truncate prompt+response to this many tokens.")
 @trust_remote_code_option

@@ -146,7 +146,7 @@ class TrainConfig:
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this value.")
     optim: str = opt("adamw_torch",
                      "Optimizer, any name transformers' `optim` takes (every stage, ppo too): adamw_torch, "
-                     "adamw_torch_fused, adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, adafactor, ...")
+                     "adamw_torch_fused, adamw_bnb_8bit, paged_adamw_8bit, paged_adamw_32bit, lion_8bit, adafactor...")
     bf16: bool = opt(False, "bf16 mixed precision.")
     fp16: bool = opt(False, "fp16 mixed precision.")
     logging_steps: int = opt(10, "Log every N optimizer steps.")

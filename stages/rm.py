@@ -83,6 +83,31 @@ def resolve_parent(cfg: RMConfig) -> tuple[str, list, str | None]:
     return base, [AdapterSpec("default", folder=cfg.sft_dir, trainable=True, modules_to_save=["score"])], cfg.sft_dir
 
 
+def by_pair(reward_trainer):
+    """trl's RewardTrainer with eval accuracy and margin over all held-out pairs. trl averages per-batch means, so a
+    short last batch weighs as much as a full one: the demo's 200 pairs in batches of 64 read 0.832 for a true
+    share of 0.89."""
+    import torch
+
+    class RewardTrainerByPair(reward_trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+            if not self.model.training:
+                chosen, rejected = torch.chunk(outputs.logits.detach().squeeze(-1).float(), chunks=2)
+                diff = self.accelerator.gather_for_metrics(chosen - rejected)  # every process's pairs, once each
+                self._pair_diffs = getattr(self, "_pair_diffs", []) + [diff]
+            return (loss, outputs) if return_outputs else loss
+
+        def log(self, logs, start_time=None):
+            if not self.model.training and getattr(self, "_pair_diffs", None):
+                diffs, self._pair_diffs = torch.cat(self._pair_diffs), []
+                self._metrics["eval"]["accuracy"] = [(diffs > 0).float().mean().item()]
+                self._metrics["eval"]["margin"] = [diffs.mean().item()]
+            super().log(logs, start_time)
+
+    return RewardTrainerByPair
+
+
 def run(cfg: RMConfig) -> str:
     from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
@@ -117,8 +142,8 @@ def run(cfg: RMConfig) -> str:
 
     # --- train
     with trainable_dtypes_kept(model):  # a quantized base: trl would cast the score head to bf16
-        trainer = RewardTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                processing_class=tokenizer, callbacks=[log_callback(work)])
+        trainer = by_pair(RewardTrainer)(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                                         processing_class=tokenizer, callbacks=[log_callback(work)])
     train_from(trainer, resume_point(work, cfg.resume))
     metrics = {}
     if eval_ds is not None:

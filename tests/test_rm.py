@@ -36,7 +36,7 @@ def parents(tiny_model_dir, tmp_path_factory):
                                   dict(model_name_or_path=base, dataset=data, output_dir=str(tmp / "sft"),
                                                             max_steps=4, task_eval_samples=0, max_length=64)))
     train = write_jsonl(tmp / "pref.jsonl", pairs(10, 60))
-    evals = write_jsonl(tmp / "pref_eval.jsonl", pairs(60, 80))
+    evals = write_jsonl(tmp / "pref_eval.jsonl", pairs(60, 83))  # 23 pairs: eval batches of 8, 8 and 7
     rm_dir = rm.run(rm_cfg(tmp / "rm", [train], sft_dir=sft_dir, eval_dataset=[evals]))
     return base, sft_dir, rm_dir, tmp
 
@@ -108,3 +108,18 @@ def test_identical_and_truncated_pairs_are_counted(parents, tmp_path):
     m = check_parent(out, "rm", for_stage="test")
     assert m["metrics"]["identical_after_truncation"] == 1  # the long prompt cut both replies off
     assert m["metrics"]["truncated"] == 1
+
+
+def test_eval_accuracy_is_the_share_of_all_pairs(parents):
+    """trl averages per-batch accuracies (a short last batch weighs as much as a full one); the manifest's
+    eval_accuracy and eval_margin are over all 23 held-out pairs, as `rlhf eval` counts them."""
+    from rlhf.data import load_examples
+
+    _, _, rm_dir, tmp = parents
+    metrics = json.loads((Path(rm_dir) / "manifest.json").read_text())["metrics"]
+    model, tok = load_reward_model(rm_dir)
+    rows = load_examples([str(tmp / "pref_eval.jsonl")], kind="preference")
+    chosen = score_pairs(model, tok, rows, [r["chosen"] for r in rows])
+    rejected = score_pairs(model, tok, rows, [r["rejected"] for r in rows])
+    assert metrics["eval_accuracy"] == pytest.approx(sum(c > r for c, r in zip(chosen, rejected)) / len(rows), abs=1e-6)
+    assert metrics["eval_margin"] == pytest.approx(sum(c - r for c, r in zip(chosen, rejected)) / len(rows), abs=1e-4)

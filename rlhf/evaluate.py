@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from rlhf.data import DataError
-from rlhf.generation import generate_text
+from rlhf.generation import generate_text, pad
 from rlhf.stage_folder import POLICIES, SCORERS, Stage, load_stage, open_stage, release
 
 # registry `metric:` name -> module with `task_metric(rows, responses) -> float`
@@ -102,13 +102,8 @@ def lm_loss(model, tokenizer, examples: list[dict], max_length: int, batch_size:
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
             batch = rows[i : i + batch_size]
-            width = max(len(r["input_ids"]) for r in batch)
-            ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            labels = torch.full_like(ids, -100)
-            attn = torch.zeros_like(ids)
-            for j, r in enumerate(batch):  # right padding
-                n = len(r["input_ids"])
-                ids[j, :n], labels[j, :n], attn[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            ids, attn = pad([r["input_ids"] for r in batch], tokenizer.pad_token_id, "right")
+            labels = pad([r["labels"] for r in batch], -100, "right")[0]
             logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
             target = labels[:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,

@@ -13,16 +13,21 @@ import torch
 import torch.nn.functional as F
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, attention mask) of the prompts left-padded to the longest: generation continues every row at the
-    right edge."""
-    width = max(map(len, prompts))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+def pad(rows: list[list[int]], pad_id: int, side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of ``rows`` padded with ``pad_id`` to the longest. Left for generation (every row
+    continues at the right edge), right for scoring and losses (position ids need no correction)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        attn[i, width - len(p) :] = 1
+    for i, r in enumerate(rows):
+        at = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, at] = torch.tensor(r, dtype=torch.long)
+        attn[i, at] = 1
     return ids, attn
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return pad(prompts, pad_id, "left")
 
 
 def response_mask(responses: torch.Tensor, stop_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

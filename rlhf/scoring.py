@@ -21,6 +21,7 @@ def score_positions(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:
 def score_pairs(model, tokenizer, examples: list[dict], responses: list[str], max_length: int = 1024,
                 batch_size: int = 16) -> list[float]:
     """Scores of (prompt messages, response) pairs under a reward model (its head reads the score token)."""
+    from rlhf.generation import pad
     from rlhf.templates import encode_pair
 
     ids = [encode_pair(tokenizer, e["messages"], r, max_length)[0] for e, r in zip(examples, responses)]
@@ -28,12 +29,6 @@ def score_pairs(model, tokenizer, examples: list[dict], responses: list[str], ma
     scores = []
     with torch.no_grad():
         for i in range(0, len(ids), batch_size):
-            batch = ids[i : i + batch_size]
-            width = max(map(len, batch))
-            x = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(x)
-            for j, seq in enumerate(batch):  # right padding: the head reads the last non-pad token
-                x[j, : len(seq)] = torch.tensor(seq)
-                mask[j, : len(seq)] = 1
+            x, mask = pad(ids[i : i + batch_size], tokenizer.pad_token_id, "right")  # the head reads the score token
             scores += model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
     return scores

@@ -142,6 +142,7 @@ class EvalSettings:
     quantization: str = "stage"
     progress: bool = True
     trust_remote_code: bool = False  # the user's --trust-remote-code
+    base: str | None = None  # the user's --base: the folders' base model in another place
 
 
 def _eval_rm(st: Stage, pairs: list[dict], s: EvalSettings) -> dict:
@@ -208,10 +209,10 @@ def evaluate_folder(folder: str, s: EvalSettings, *, rm: str | None = None, base
     from rlhf.manifest import StageError
     from rlhf.train_utils import dataset_metric
 
-    st = open_stage(folder, POLICIES + SCORERS, "rlhf eval")
+    st = open_stage(folder, POLICIES + SCORERS, "rlhf eval", s.base)
     kinds = SCORERS if st.stage in SCORERS else POLICIES
-    other = open_stage(baseline, kinds, "rlhf eval --baseline") if baseline else None
-    scorer = open_stage(rm, SCORERS, "rlhf eval --rm") if rm else None
+    other = open_stage(baseline, kinds, "rlhf eval --baseline", s.base) if baseline else None
+    scorer = open_stage(rm, SCORERS, "rlhf eval --rm", s.base) if rm else None
     names = s.datasets or list(st.config.get("eval_dataset") or [])
     if not names:
         raise DataError(f"rlhf eval: {folder} names no eval_dataset in its manifest; give --dataset NAME (a registry "

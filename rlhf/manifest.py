@@ -194,6 +194,13 @@ def model_fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def base_record(path: str) -> dict:
+    """How a manifest records a base model: a local folder by its absolute path (the stage folder works from any
+    directory), a hub id as it is; with its fingerprint."""
+    p = Path(path).expanduser()
+    return {"path": str(p.resolve()) if p.is_dir() else path, "fingerprint": model_fingerprint(path)}
+
+
 def package_versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -232,7 +239,7 @@ def finish_output(
                        "manifest_sha256": file_sha256(pm)}
     manifest = {
         "stage": stage,
-        "base_model": {"path": base_model, "fingerprint": model_fingerprint(base_model)},
+        "base_model": base_record(base_model),
         "parent": parent_info,
         "datasets": datasets or {},
         "config": config,
@@ -276,11 +283,13 @@ def _command(stage) -> str:
 
 
 def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, for_stage: str,
-                 base_model: str | None = None) -> dict:
+                 base_model: str | None = None, base_option: str = "model_name_or_path") -> dict:
     """Check that ``folder`` is a finished output of stage ``expect``; return its manifest.
 
-    The base model recorded there, when it is a local folder, must still be the one on disk (its fingerprint), and
-    so must ``base_model`` when given. Errors say what is wrong and what to run first.
+    The base model recorded there, when it was a local folder, must still be there and the one on disk (its
+    fingerprint); ``base_model`` (the user's ``base_option``, for a base that moved) replaces it and must have the
+    recorded fingerprint. A relative path (an older manifest) is read from the current directory. Errors say what
+    is wrong and what to run first.
     """
     expect = (expect,) if isinstance(expect, str) else tuple(expect)
     run_first = " or ".join(_command(e) for e in expect)
@@ -302,15 +311,20 @@ def check_parent(folder: str | Path | None, expect: str | tuple[str, ...], *, fo
             if (m.get("config", {}).get("finetuning_type", "lora") == "lora") and not (f / needed).is_file():
                 raise StageError(f"{f} is missing {needed}: the folder is damaged; rerun {run_first}")
     recorded, have = m["base_model"].get("path"), m["base_model"].get("fingerprint")
-    if recorded and Path(recorded).is_dir() and model_fingerprint(recorded) != have:
+    if base_model is not None:
+        if (want := model_fingerprint(base_model)) != have:
+            raise StageError(
+                f"{f} was trained on base model {recorded} (fingerprint {have}), not {base_model} ({want}): "
+                f"give {base_option} the same base, or rerun {run_first} on {base_model}")
+        return m
+    local = bool(recorded) and not str(have or "").startswith("hub:")  # model_fingerprint marks hub ids
+    if local and not Path(recorded).is_dir():
+        raise StageError(f"{f} was trained on base model {recorded}, which is not there (moved?): pass its new "
+                         f"place with {base_option} PATH (checked against the recorded fingerprint {have})")
+    if local and model_fingerprint(recorded) != have:
         raise StageError(
             f"{f} was trained on base model {recorded} (fingerprint {have}), but the model now in {recorded} is "
-            "another "
-            f"one ({model_fingerprint(recorded)}): put the original base back, or rerun {run_first} on the new one"
-        )
-    if base_model is not None and (want := model_fingerprint(base_model)) != have:
-        raise StageError(
-            f"{f} was trained on base model {recorded} (fingerprint {have}), not {base_model} ({want}): "
-            f"use the same base, or rerun {run_first} on {base_model}"
+            f"another one ({model_fingerprint(recorded)}): put the original base back, or pass it with {base_option} "
+            f"PATH, or rerun {run_first} on the new one"
         )
     return m

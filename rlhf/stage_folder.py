@@ -36,8 +36,9 @@ class Stage:
         return self.config.get("quantization") or "none"
 
 
-def open_stage(folder: str, kinds: tuple[str, ...], command: str) -> Stage:
-    """Check that ``folder`` is a finished stage output of one of ``kinds`` and say how to load it."""
+def open_stage(folder: str, kinds: tuple[str, ...], command: str, base: str | None = None) -> Stage:
+    """Check that ``folder`` is a finished stage output of one of ``kinds`` and say how to load it. ``base`` (the
+    user's --base) is the recorded base model in another place; it must have the recorded fingerprint."""
     from rlhf.manifest import StageError, check_parent
 
     f = Path(folder)
@@ -45,7 +46,8 @@ def open_stage(folder: str, kinds: tuple[str, ...], command: str) -> Stage:
         raise StageError(f"{folder} is not a stage folder (no manifest.json) but a plain transformers model "
                          f"(an `rlhf export` output?): load it with transformers; {command} takes the stage folder "
                          f"it came from")
-    m = check_parent(folder, POLICIES + SCORERS, for_stage=command)  # exists, finished, files present
+    m = check_parent(folder, POLICIES + SCORERS, for_stage=command, base_model=base,  # exists, finished, files,
+                     base_option="--base")  # the base is there
     if m["stage"] not in kinds:
         if m["stage"] == "rm":
             raise StageError(f"{folder} is a reward model (`rlhf rm` output): it scores text, it does not write it; "
@@ -53,12 +55,12 @@ def open_stage(folder: str, kinds: tuple[str, ...], command: str) -> Stage:
                              f"`rlhf eval {folder}`)")
         raise StageError(f"{folder} is the output of `rlhf {m['stage']}`, but {command} needs a {'/'.join(kinds)} "
                          "folder")
-    return _stage(folder, m)
+    return _stage(folder, m, base)
 
 
-def _stage(folder: str, m: dict) -> Stage:
+def _stage(folder: str, m: dict, base: str | None = None) -> Stage:
     lora = m["stage"] != "pt" and m.get("config", {}).get("finetuning_type", "lora") == "lora"
-    return Stage(str(folder), m["stage"], m, m["base_model"]["path"] if lora else str(folder),
+    return Stage(str(folder), m["stage"], m, (base or m["base_model"]["path"]) if lora else str(folder),
                  str(folder) if lora else None)
 
 
@@ -94,9 +96,10 @@ def release() -> None:
         torch.cuda.empty_cache()
 
 
-def load_reward_model(rm_dir: str, quantization: str = "none", trust_remote_code: bool = False):
+def load_reward_model(rm_dir: str, quantization: str = "none", trust_remote_code: bool = False,
+                      base: str | None = None):
     """(model, tokenizer) of a finished RM folder, for scoring (`rlhf score`); unquantized unless asked."""
     from rlhf.manifest import check_parent
 
-    m = check_parent(rm_dir, "rm", for_stage="rlhf score")  # its errors say to run `rlhf rm`
-    return load_stage(_stage(rm_dir, m), quantization=quantization, trust_remote_code=trust_remote_code)
+    m = check_parent(rm_dir, "rm", for_stage="rlhf score", base_model=base, base_option="--base")  # run `rlhf rm`
+    return load_stage(_stage(rm_dir, m, base), quantization=quantization, trust_remote_code=trust_remote_code)

@@ -464,11 +464,13 @@ def run(cfg: PPOConfig) -> str:
 
     started, requested = time.time(), to_dict(cfg)  # requested: the config as given (rlhf pipeline compares it)
     # --- parents: SFT and RM on the same base
-    sft = check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo")
+    # model_name_or_path, when set, is the parents' base in another place (moved folders): fingerprints must match
+    flag = "model_name_or_path (--model-name-or-path)"
+    sft = check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo", base_model=cfg.model_name_or_path or None,
+                       base_option=flag)
     inherit_quantization(cfg, sft, cfg.sft_dir)
     cfg.model_name_or_path = cfg.model_name_or_path or sft["base_model"]["path"]
-    check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo", base_model=cfg.model_name_or_path)
-    rm = check_parent(cfg.rm_dir, "rm", for_stage="rlhf ppo", base_model=cfg.model_name_or_path)
+    rm = check_parent(cfg.rm_dir, "rm", for_stage="rlhf ppo", base_model=cfg.model_name_or_path, base_option=flag)
     for folder, m in ((cfg.sft_dir, sft), (cfg.rm_dir, rm)):
         if m["config"].get("finetuning_type", "lora") != "lora" or cfg.finetuning_type != "lora":
             raise ConfigError(f"rlhf ppo puts every role on one base as a LoRA adapter, but {folder} was trained with "

@@ -71,11 +71,11 @@ def resolve_parent(cfg: RMConfig) -> tuple[str, list, str | None]:
     if cfg.from_base:
         inherit_quantization(cfg, None)
         return cfg.model_name_or_path, [AdapterSpec("default", trainable=True)], None
-    m = check_parent(cfg.sft_dir, "sft", for_stage="rlhf rm")
+    # model_name_or_path, when set, is the SFT's base in another place (a moved folder): the fingerprint must match
+    m = check_parent(cfg.sft_dir, "sft", for_stage="rlhf rm", base_model=cfg.model_name_or_path or None,
+                     base_option="model_name_or_path (--model-name-or-path)")
     inherit_quantization(cfg, m, cfg.sft_dir)
-    base = m["base_model"]["path"]
-    if cfg.model_name_or_path and cfg.model_name_or_path != base:
-        check_parent(cfg.sft_dir, "sft", for_stage="rlhf rm", base_model=cfg.model_name_or_path)
+    base = cfg.model_name_or_path or m["base_model"]["path"]
     if m["config"].get("finetuning_type", "lora") != "lora":  # full/freeze SFT saved whole weights: build on them
         return cfg.sft_dir, [AdapterSpec("default", trainable=True)], cfg.sft_dir
     for k in ("lora_r", "lora_alpha", "lora_target"):  # the SFT adapter's shape is the one trained (resolved config)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from rlhf.cli.use import setup_logging, trust_remote_code_option
+from rlhf.cli.use import base_option, setup_logging, trust_remote_code_option
 from rlhf.errors import RlhfError
 from rlhf.stage_folder import POLICIES, SCORERS, load_stage, open_stage
 
@@ -50,14 +50,15 @@ def _probe_logits(model, tokenizer):
 
 
 def export_stage(folder: str, out: str, *, dtype: str = "bfloat16", max_shard_size: str = "2GB",
-                 overwrite: bool = False, trust_remote_code: bool = False, say=click.echo) -> dict:
+                 overwrite: bool = False, trust_remote_code: bool = False, base: str | None = None,
+                 say=click.echo) -> dict:
     """Merge the folder's adapter into its base and save a plain transformers model to ``out``; returns a summary."""
     from rlhf.templates import stop_token_ids
 
     if dtype not in DTYPES:
         raise ExportError(f"--dtype {dtype} is not known; use bfloat16, float16 or float32")
     dtype = DTYPES[dtype]
-    st = open_stage(folder, POLICIES + SCORERS, "rlhf export")
+    st = open_stage(folder, POLICIES + SCORERS, "rlhf export", base)
     out_p = Path(out)
     _check_target(Path(folder), out_p, overwrite)
     if st.quantization != "none" and st.adapter:
@@ -97,7 +98,8 @@ def export_stage(folder: str, out: str, *, dtype: str = "bfloat16", max_shard_si
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard (e.g. 500MB, 5GB).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @trust_remote_code_option
-def export_cmd(folder, out, dtype, max_shard_size, overwrite, trust_remote_code):
+@base_option
+def export_cmd(folder, out, dtype, max_shard_size, overwrite, trust_remote_code, base):
     """Merge a stage folder's adapter into its base and save a plain transformers model.
 
     SFT/PPO -> AutoModelForCausalLM, RM -> AutoModelForSequenceClassification (score head kept); sharded
@@ -105,7 +107,7 @@ def export_cmd(folder, out, dtype, max_shard_size, overwrite, trust_remote_code)
     """
     setup_logging()
     s = export_stage(folder, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                     trust_remote_code=trust_remote_code)
+                     trust_remote_code=trust_remote_code, base=base)
     cls = "AutoModelForSequenceClassification" if s["head"].startswith("sequence") else "AutoModelForCausalLM"
     click.echo(f"exported {s['stage']} folder {folder} -> {out} ({s['dtype']}; "
                f"{'adapter merged, ' if s['merged_adapter'] else ''}max |logit change| on a probe "

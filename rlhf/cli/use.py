@@ -38,6 +38,12 @@ trust_remote_code_option = click.option(
          "turns this on.")
 
 
+base_option = click.option(
+    "--base", default=None,
+    help="The base model the folder was trained on, when it has moved (a folder or hub id; it must have the "
+         "fingerprint recorded in the manifest) [default: the manifest's].")
+
+
 def generation_options(f):
     """Sampling settings shared by chat, generate and eval."""
     opts = [
@@ -53,6 +59,7 @@ def generation_options(f):
                      show_default=True,
                      help="Load the base as the stage trained (stage), or unquantized / 4-bit / 8-bit."),
         trust_remote_code_option,
+        base_option,
     ]
     for o in reversed(opts):
         f = o(f)
@@ -172,7 +179,8 @@ def _context_length(model) -> int:
 @click.option("--max-length", type=int, default=None,
               help="Context in tokens (prompt + reply); older turns are dropped to fit [default: the model's].")
 @generation_options
-def chat(folder, system, max_length, max_new_tokens, temperature, top_p, top_k, seed, quantization, trust_remote_code):
+def chat(folder, system, max_length, max_new_tokens, temperature, top_p, top_k, seed, quantization, trust_remote_code,
+         base):
     """Chat in the terminal with an SFT or PPO folder (its chat template, streamed replies, multi-turn).
 
     Commands: /reset clears the history, /system TEXT sets the system prompt, /exit quits.
@@ -181,7 +189,7 @@ def chat(folder, system, max_length, max_new_tokens, temperature, top_p, top_k, 
 
     setup_logging("warning")  # the terminal is for the conversation
     sampling = _sampling(0.7 if temperature is None else temperature, top_p, top_k)
-    st = open_stage(folder, POLICIES, "rlhf chat")
+    st = open_stage(folder, POLICIES, "rlhf chat", base)
     model, tokenizer = load_stage(st, quantization=quantization, trust_remote_code=trust_remote_code)
     torch.manual_seed(seed)
     max_new_tokens = max_new_tokens or 256
@@ -189,7 +197,7 @@ def chat(folder, system, max_length, max_new_tokens, temperature, top_p, top_k, 
     if max_new_tokens >= max_length:
         raise click.BadParameter(f"{max_new_tokens} leaves no room for the prompt in a context of {max_length} tokens",
                                  param_hint="--max-new-tokens")
-    click.echo(f"rlhf chat: {folder} ({st.stage}, base {st.manifest['base_model']['path']}). {HELP}.")
+    click.echo(f"rlhf chat: {folder} ({st.stage}, base {st.base}). {HELP}.")
     chat_loop(model, tokenizer, system=system, max_new_tokens=max_new_tokens, max_length=max_length, sampling=sampling)
 
 
@@ -247,13 +255,13 @@ def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: i
               help="Longest prompt in tokens, template applied [default: the stage's max_prompt_length or max_length].")
 @generation_options
 def generate_cmd(folder, input_path, output_path, batch_size, max_length, max_new_tokens, temperature, top_p, top_k,
-                 seed, quantization, trust_remote_code):
+                 seed, quantization, trust_remote_code, base):
     """Batched generation with an SFT or PPO folder over a JSONL file of prompts."""
     import torch
 
     setup_logging()
     torch.manual_seed(seed)
-    st = open_stage(folder, POLICIES, "rlhf generate")
+    st = open_stage(folder, POLICIES, "rlhf generate", base)
     n = generate_file(st, input_path, output_path, batch_size=batch_size,
                       max_new_tokens=max_new_tokens or int(st.config.get("max_new_tokens") or 256),
                       max_length=max_length, sampling=_sampling(temperature or 0.0, top_p, top_k),
@@ -302,7 +310,7 @@ def format_table(result: dict) -> str:
 @click.option("--json-out", default=None, help="Also write the results as JSON to this file.")
 @generation_options
 def eval_cmd(folder, datasets, registry_file, num_samples, rm_dir, baseline, batch_size, max_length, json_out,
-             max_new_tokens, temperature, top_p, top_k, seed, quantization, trust_remote_code):
+             max_new_tokens, temperature, top_p, top_k, seed, quantization, trust_remote_code, base):
     """Evaluate a stage folder on held-out data and print one table.
 
     SFT/PPO (and pt) folders: loss and perplexity on answered rows, the dataset's checkable metric (registry
@@ -316,7 +324,8 @@ def eval_cmd(folder, datasets, registry_file, num_samples, rm_dir, baseline, bat
     setup_logging()
     torch.manual_seed(seed)
     s = EvalSettings(list(datasets), registry_file, num_samples, max_new_tokens, max_length, batch_size,
-                     _sampling(temperature or 0.0, top_p, top_k), quantization, trust_remote_code=trust_remote_code)
+                     _sampling(temperature or 0.0, top_p, top_k), quantization, trust_remote_code=trust_remote_code,
+                     base=base)
     result = evaluate_folder(folder, s, rm=rm_dir, baseline=baseline)
     click.echo(format_table(result))
     if json_out:
@@ -329,7 +338,7 @@ def eval_cmd(folder, datasets, registry_file, num_samples, rm_dir, baseline, bat
 
 
 def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int = 1024,
-               trust_remote_code: bool = False) -> int:
+               trust_remote_code: bool = False, base: str | None = None) -> int:
     """Score each row of a JSONL file: prompt fields (instruction/input, prompt, or messages) + `response`.
 
     Writes the rows with a `score` key added; returns how many were scored.
@@ -344,7 +353,7 @@ def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int =
     for i, r in enumerate(rows, 1):
         if not isinstance(r.get("response"), str):
             raise DataError(f"{input_path}, row {i}: missing `response` (a string) to score")
-    model, tokenizer = load_reward_model(rm_dir, trust_remote_code=trust_remote_code)
+    model, tokenizer = load_reward_model(rm_dir, trust_remote_code=trust_remote_code, base=base)
     scores = score_pairs(model, tokenizer, examples, [r["response"] for r in rows], max_length)
     with open(output_path, "w") as f:
         for r, s in zip(rows, scores):
@@ -359,10 +368,11 @@ def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int =
 @click.option("--output", "output_path", required=True, help="Where to write the rows with a `score` key added.")
 @click.option("--max-length", default=1024, show_default=True, help="Truncate prompt+response to this many tokens.")
 @trust_remote_code_option
-def score(rm_dir, input_path, output_path, max_length, trust_remote_code):
+@base_option
+def score(rm_dir, input_path, output_path, max_length, trust_remote_code, base):
     """Score (prompt, response) pairs from a file with a trained reward-model folder."""
     from rlhf.logging_utils import setup_logging
 
     setup_logging()
-    n = score_file(rm_dir, input_path, output_path, max_length, trust_remote_code=trust_remote_code)
+    n = score_file(rm_dir, input_path, output_path, max_length, trust_remote_code=trust_remote_code, base=base)
     click.echo(f"scored {n} rows -> {output_path}")

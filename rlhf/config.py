@@ -142,6 +142,7 @@ class TrainConfig:
     lr_scheduler_type: str = opt("cosine",
                                  "Learning-rate schedule: linear, cosine, constant, constant_with_warmup, ...")
     warmup_ratio: float = opt(0.0, "Share of steps for linear warm-up.")
+    warmup_steps: int = opt(0, "Optimizer steps of linear warm-up; when > 0 it is used instead of warmup_ratio.")
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this value.")
     optim: str = opt("adamw_torch",
@@ -150,6 +151,10 @@ class TrainConfig:
     bf16: bool = opt(False, "bf16 mixed precision.")
     fp16: bool = opt(False, "fp16 mixed precision.")
     logging_steps: int = opt(10, "Log every N optimizer steps.")
+    report_to: list[str] = opt(["none"], "Experiment trackers that get every logged row (the train_log.jsonl "
+                               "names): none, tensorboard, wandb, mlflow, comet_ml, ... (any name transformers' "
+                               "report_to takes; all: every one installed). tensorboard writes under "
+                               "<output_dir>/runs/.")
     eval_steps: int | None = opt(None, "Evaluate every N steps (None: once per epoch when there is eval data).")
     save_steps: int = opt(100, "Write a checkpoint every N steps.")
     save_total_limit: int | None = opt(2, "Keep only the last N checkpoints.")
@@ -238,8 +243,77 @@ def coerce(value, tp, key: str, where: str):
 
 
 def nearest(key: str, valid) -> str:
-    """The hint after an unknown key: the nearest valid key, else all of them."""
-    return did_you_mean(key, valid, cutoff=0.4, otherwise=f"; valid keys: {', '.join(sorted(valid))}")
+    """The hint after an unknown key: the nearest valid key or alias (rlhf/aliases.py) that applies, if one is close
+    (a cutoff of 0.6: `load_in_4bit` is not 'logging_steps'), else all the valid keys."""
+    from rlhf.aliases import ALIASES
+
+    names = [*valid, *(k for k, a in ALIASES.items() if a.key in valid and not a.refused)]
+    return did_you_mean(key, names, cutoff=0.6, otherwise=f"; valid keys: {', '.join(sorted(valid))}")
+
+
+def _show(v) -> str:
+    return "true" if v is True else "false" if v is False else "null" if v is None else \
+        ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _stage_of(cls) -> str:
+    return cls.__name__.removesuffix("Config").lower()  # SFTConfig -> sft, the command's name (stages/__init__.py)
+
+
+def resolve_aliases(cls, values: dict, where: dict[str, str]) -> tuple[dict, dict]:
+    """Other tools' key names (the one table, rlhf/aliases.py) -> ours, each said in one log line; an ignored key is
+    logged and dropped, a refused one (or an alias whose value has no counterpart) is a ConfigError, and so is an
+    alias given beside its rlhf key (or another alias of it) with another value. ``stage:`` (LLaMA-Factory's) must
+    name the command that reads the file. Keys of neither kind pass through to ``build``'s checks."""
+    from rlhf.aliases import ALIASES, SKIP
+
+    valid, stage = fields_of(cls), _stage_of(cls)
+    out, out_where, came = {}, {}, {}  # came: our key -> the key (ours or an alias) that set it
+    own = {k.replace("-", "_"): k for k in values}
+    for key, value in values.items():
+        name, src = key.replace("-", "_"), where.get(key, "config")
+        alias = ALIASES.get(name)
+        if alias is None or (alias.key == name and name not in valid):
+            target, v = name, value
+        else:
+            if name == "stage":
+                if str(value) not in ("pt", "sft", "rm", "ppo"):
+                    raise ConfigError(f"{src}: stage: {value} (LLaMA-Factory): rlhf has no such stage (pt, sft, rm, "
+                                      "ppo)")
+                if str(value) != stage:
+                    raise ConfigError(f"{src}: stage: {value} (LLaMA-Factory) is not this command's (`rlhf {stage}`); "
+                                      f"run `rlhf {value} {src}`, or drop the key")
+                log.info("%s: stage: %s (LLaMA-Factory) -> `rlhf %s`", src, value, stage)
+                continue
+            if alias.refused:
+                raise ConfigError(f"{src}: key '{name}' ({alias.source}) is not honoured: {alias.note}")
+            try:
+                v = alias.value(value) if callable(alias.value) else value
+                if isinstance(alias.value, dict):  # a command-line "4" is YAML's 4
+                    hit = [k for k in alias.value if _show(k).lower() == _show(value).lower()]
+                    if not hit:
+                        raise ValueError(f"use one of {', '.join(_show(k) for k in alias.value)}")
+                    v = alias.value[hit[0]]
+            except ValueError as e:
+                raise ConfigError(f"{src}: key '{name}' ({alias.source}) got {value!r}: {e}") from None
+            if alias.key is None or v is SKIP:
+                why = f" ({alias.note})" if alias.note else ""
+                log.info("%s: %s: %s (%s) ignored%s", src, name, _show(value), alias.source, why)
+                continue
+            target = alias.key
+            if target not in valid:
+                raise ConfigError(f"{src}: key '{name}' ({alias.source}) means rlhf's '{target}', which `rlhf {stage}` "
+                                  "does not take; drop the key")
+            if (target, v) != (name, value):
+                why = f" ({alias.note})" if alias.note else ""
+                log.info("%s: %s: %s -> %s: %s%s", src, name, _show(value), target, _show(v), why)
+        if target in came and target in valid:
+            a, b = (coerce(x, _type_of(cls, target), target, src) for x in (out[target], v))
+            if a != b:
+                raise ConfigError(f"{src}: '{came[target][0]}: {_show(came[target][1])}' and '{name}: {_show(value)}' "
+                                  f"set '{target}' differently; give one of them")
+        out[target], out_where[target], came[target] = v, src, (own.get(name, key), value)
+    return out, out_where
 
 
 def build(cls, values: dict, where: dict[str, str]):
@@ -247,6 +321,7 @@ def build(cls, values: dict, where: dict[str, str]):
 
     ``where`` maps each key to the place it came from (a file path or "command line").
     """
+    values, where = resolve_aliases(cls, values, where)
     valid = fields_of(cls)
     kwargs = {}
     for key, value in values.items():
@@ -313,11 +388,12 @@ def parse_overrides(args: list[str]) -> dict:
 def load_config(cls, path: str | None = None, overrides: dict | None = None):
     """YAML file (optional) then overrides, checked and typed into ``cls``."""
     values, where = {}, {}
-    if path:
-        for k, v in read_yaml(path).items():
-            values[k], where[k] = v, str(path)
-    for k, v in (overrides or {}).items():
-        values[k], where[k] = v, "command line"
+    # other tools' names resolved per source, so a command-line key overrides the file's alias of it
+    layers = [(read_yaml(path), str(path))] if path else []
+    for layer, src in [*layers, (overrides or {}, "command line")]:
+        vals, wh = resolve_aliases(cls, layer, {k: src for k in layer})
+        values.update(vals)
+        where.update(wh)
     return build(cls, values, where)
 
 

@@ -74,9 +74,23 @@ def resume_point(work: Path, resume: bool, logs: tuple[str, ...] = (LOG_FILE,)) 
     return str(found) if found else None
 
 
+TRACKER_DIR = "runs"  # report_to trackers that write files (tensorboard): inside the stage folder, they travel with it
+
+
+def trackers(cfg) -> list[str]:
+    """The names in ``report_to``, [] for none (transformers' names; "all": every tracker installed)."""
+    names = [n.strip().lower() for n in cfg.report_to if n.strip()]
+    return [] if names in ([], ["none"]) else names
+
+
 def train_from(trainer, resume_from: str | None) -> None:
     """``trainer.train``, resumed from ``resume_from``. A checkpoint at the last step (a run killed while saving its
     result) is loaded and not trained on: the HF Trainer would train one step past max_steps."""
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:  # transformers' default is checkpoints/runs/<date>: the folder root
+        if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:  # TENSORBOARD_LOGGING_DIR wins
+            cb.logging_dir = str(Path(trainer.args.output_dir).parent / TRACKER_DIR)
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except TrainingDone:
@@ -101,7 +115,7 @@ def trainer_kwargs(cfg, work: Path, has_eval: bool) -> dict:
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         lr_scheduler_type=cfg.lr_scheduler_type,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
+        warmup_steps=cfg.warmup_steps or cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the steps
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         optim=cfg.optim,
@@ -117,7 +131,7 @@ def trainer_kwargs(cfg, work: Path, has_eval: bool) -> dict:
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        report_to="none",
+        report_to=trackers(cfg) or "none",
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         # HF would log a NaN loss as the mean of the previous ones (log_callback stops on it)
@@ -175,25 +189,38 @@ def read_log(work: Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines()] if p.is_file() else []
 
 
+def plot_panels(rows: list[dict], keys: list[str]) -> list[str]:
+    """The keys of ``keys`` that appear in ``rows``: one panel each, in that order."""
+    return [k for k in keys if any(k in r for r in rows)]
+
+
 def plot_curves(rows: list[dict], keys: list[str], png: Path, title: str) -> None:
-    """One panel per key that appears in ``rows`` (x: step), saved as a PNG."""
+    """One panel per key that appears in ``rows`` (x: step), in a grid of at most 4 columns of 4x3-inch panels (2x2
+    for 4 keys, 4x4 for PPO's 13), saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    keys = [k for k in keys if any(k in r for r in rows)]
+    keys = plot_panels(rows, keys)
     if not keys:
         return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], keys):
+    cols = min(4, math.ceil(math.sqrt(len(keys))))
+    nrows = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows + 0.4), squeeze=False, layout="constrained")
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, k in zip(axes.flat, keys):
         pts = [(r["step"], r[k]) for r in rows if k in r]
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, ms=3)
-        ax.set_title(k)
-        ax.set_xlabel("step")
+        ax.set_title(k, fontsize=11)
+        ax.set_xlabel("step", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole
+        ax.ticklabel_format(axis="y", useOffset=False)  # 6.2135, not "+6.213" over 0.0005
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
+    fig.suptitle(title, fontsize=13)
     fig.savefig(png, dpi=100)
     plt.close(fig)
 

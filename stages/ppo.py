@@ -356,11 +356,15 @@ def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig
     return out
 
 
+# the panels of training_curves.png (those in the log): reward and its cost, then what the update did
+PLOT_KEYS = ["score_mean", "kl", "task_metric", "eval_reward", "eval_task_metric", "eos_share", "response_length",
+             "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "entropy"]
+
+
 def plot(rows: list[dict], png: Path) -> None:
     from rlhf.train_utils import plot_curves
 
-    keys = ["score_mean", "kl", "task_metric", "eval_reward", "eval_task_metric", "eos_share", "response_length"]
-    plot_curves(rows, keys, png, "ppo")
+    plot_curves(rows, PLOT_KEYS, png, "ppo")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -457,10 +461,10 @@ def run(cfg: PPOConfig) -> str:
     from rlhf.evaluate import metric_fn
     from rlhf.generation import decode
     from rlhf.loader import inherit_quantization, load_tokenizer
-    from rlhf.manifest import check_parent, finish_output, prepare_output
+    from rlhf.manifest import check_parent, finish_output, prepare_output, work_dir
     from rlhf.templates import apply_template, stop_token_ids
-    from rlhf.train_utils import (LOG_FILE, all_finite, dataset_metric, diverged, load_train_eval, read_log,
-                                  resume_point)
+    from rlhf.train_utils import (LOG_FILE, TRACKER_DIR, all_finite, dataset_metric, diverged, load_train_eval,
+                                  read_log, resume_point, trackers)
 
     started, requested = time.time(), to_dict(cfg)  # requested: the config as given (rlhf pipeline compares it)
     # --- parents: SFT and RM on the same base
@@ -477,8 +481,15 @@ def run(cfg: PPOConfig) -> str:
                               f"finetuning_type={m['config'].get('finetuning_type')} (ppo config: "
                               f"{cfg.finetuning_type}); "
                               "train SFT and RM with finetuning_type: lora")
-    accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
-                              cpu=not torch.cuda.is_available())  # cpu: torchrun/accelerate launch on CPUs (gloo)
+    try:  # report_to: accelerate's trackers, writing (tensorboard) under <output_dir>/runs/ppo
+        accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
+                                  cpu=not torch.cuda.is_available(),  # cpu: torchrun/accelerate launch on CPUs (gloo)
+                                  log_with=trackers(cfg) or None,
+                                  project_dir=str(work_dir(cfg.output_dir) / TRACKER_DIR))
+    except ValueError as e:
+        if not trackers(cfg):
+            raise
+        raise ConfigError(f"report_to {cfg.report_to}: {e} (rlhf ppo logs through accelerate's trackers)") from None
     if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
         raise ConfigError("rlhf ppo runs data-parallel (one base per process, gradients averaged); launch it without "
                           "DeepSpeed/FSDP (e.g. configs/accelerate/multi_gpu.yaml)")
@@ -517,8 +528,8 @@ def run(cfg: PPOConfig) -> str:
     params = roles.params
     optimizer = accelerator.prepare(new_optimizer(params))
     updates = total_steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=int(cfg.warmup_ratio * updates),
-                              num_training_steps=updates)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * updates)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
     kl_ctl = rl.KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     score_norm = rl.ScoreNormalizer(cfg.score_norm, cfg.score_clip)
     log_file, samples_file = work / LOG_FILE, work / "samples.jsonl"
@@ -527,10 +538,16 @@ def run(cfg: PPOConfig) -> str:
         step = load_checkpoint(Path(ckpt), roles, optimizer, scheduler, kl_ctl, score_norm, accelerator.process_index)
     main = accelerator.is_main_process
 
+    # the trackers get the train_log.jsonl rows, with the same names (hparams: scalars only)
+    accelerator.init_trackers("ppo", config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
+                                             for k, v in to_dict(cfg).items()})
+
     def write(path: Path, row: dict):
         if main:
             with open(path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if path == log_file:
+            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
 
     def run_eval(tag: str) -> dict:
         if not eval_prompts:
@@ -606,6 +623,7 @@ def run(cfg: PPOConfig) -> str:
     metrics.update({f"{k}_after": v for k, v in run_eval("end").items()})
     if last_saved != step:
         save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit, accelerator)
+    accelerator.end_training()  # the trackers' files closed before the folder is renamed
     if main:
         # the policy at the folder root: PeftModel.from_pretrained(base, folder)
         save_adapter(roles.model, "policy", work)

@@ -214,8 +214,8 @@ def run(cfg: PTConfig) -> str:
     optim = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}],
                               lr=cfg.learning_rate, betas=(0.9, 0.95))
-    sched = get_scheduler(cfg.lr_scheduler_type, optim, num_warmup_steps=int(cfg.warmup_ratio * steps),
-                          num_training_steps=steps)
+    warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
+    sched = get_scheduler(cfg.lr_scheduler_type, optim, num_warmup_steps=warmup, num_training_steps=steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     rows, running = [], []
     t0 = time.time()

@@ -55,7 +55,9 @@ class StageCommand(click.Command):
             click.echo(ctx.get_help())
             ctx.exit()
         from rlhf.config import load_config, parse_overrides
+        from rlhf.logging_utils import setup_logging
 
+        setup_logging()  # before the config: its aliases say in the log what they set (rlhf/aliases.py)
         args = list(ctx.args)
         config = args.pop(0) if args and not args[0].startswith("-") and "=" not in args[0] else None
         _run_stage(self.spec, load_config(self.spec.config_class(), config, parse_overrides(args)))

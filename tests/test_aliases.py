@@ -175,3 +175,12 @@ def test_llama_factory_sft_and_rm_yaml_run_through_the_cli(tiny_model_dir, tmp_p
     assert (c["sft_dir"], c["quantization"]) == (str(sft_out), "4bit")
     r = CliRunner().invoke(cli, ["sft", rm_yaml])  # the RM file under the SFT command: one line, no model loaded
     assert r.exit_code == 2 and "stage: rm (LLaMA-Factory) is not this command's (`rlhf sft`)" in r.output
+
+
+def test_llama_factory_ppo_yaml_loads(tmp_path):
+    """LLaMA-Factory's examples/train_lora/llama3_lora_ppo.yaml shape, with the SFT folder as adapter_name_or_path."""
+    f = lf_yaml(tmp_path / "llama3_lora_ppo.yaml", "ppo", "base", tmp_path / "ppo", dataset="demo_prompts",
+                adapter_name_or_path="runs/sft", reward_model="runs/rm", max_new_tokens=16, top_k=0, top_p=0.9)
+    cfg = load_config(PPOConfig, f)
+    assert (cfg.sft_dir, cfg.rm_dir, cfg.lora_target, cfg.max_length, cfg.top_p) == \
+        ("runs/sft", "runs/rm", ["all-linear"], 64, 0.9)

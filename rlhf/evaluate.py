@@ -64,6 +64,31 @@ def generate_all(model, tokenizer, prompts: list[list[int]], *, batch_size: int,
     return out
 
 
+def context_length(model, default: int = 2048) -> int:
+    """The longest sequence (prompt + reply) ``model`` takes: its config's position limit."""
+    cfg = model.config
+    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        if isinstance(getattr(cfg, key, None), int):
+            return getattr(cfg, key)
+    return default
+
+
+def fit_context(context: int, max_new_tokens: int | None, max_prompt: int | None, *, default_new: int = 256,
+                default_prompt: int | None = None) -> tuple[int, int]:
+    """(reply tokens, prompt tokens) that fit a model's ``context`` together. A default (None) is capped: the
+    reply at half the context, the prompt at the rest; a value the user gave that cannot fit is one line."""
+    from rlhf.config import ConfigError
+
+    new = max_new_tokens or min(default_new, max(1, context // 2))
+    if new >= context:
+        raise ConfigError(f"--max-new-tokens {new} leaves no room for a prompt in the model's context of {context} "
+                          "tokens (its max_position_embeddings); give a smaller --max-new-tokens")
+    if max_prompt and max_prompt + new > context:
+        raise ConfigError(f"--max-length {max_prompt} prompt tokens + --max-new-tokens {new} exceed the model's "
+                          f"context of {context} tokens (its max_position_embeddings); lower one of them")
+    return new, max_prompt or min(default_prompt or context, context - new)
+
+
 def encode_prompts(tokenizer, examples: list[dict], max_length: int, what: str) -> tuple[list[list[int]], list[int]]:
     """Prompt ids (generation prompt added) of ``examples`` and the indices of those longer than ``max_length``."""
     from rlhf.templates import encode_prompt
@@ -157,18 +182,26 @@ def _eval_rm(st: Stage, pairs: list[dict], s: EvalSettings) -> dict:
     return {**pairwise(chosen, rejected), "pairs": len(pairs)}
 
 
-def _eval_policy(st: Stage, sft_rows, prompt_rows, metric, replies_needed: bool, s: EvalSettings, max_new_tokens: int):
+def _eval_policy(st: Stage, sft_rows, prompt_rows, metric, replies_needed: bool, s: EvalSettings):
     """Loss/perplexity on answered rows; replies to the prompts when something scores them; the task metric.
 
-    Returns (metrics, {prompt index: reply} or None)."""
+    Returns (metrics, {prompt index: reply} or None, the reply length used)."""
+    from rlhf.config import ConfigError
+
     model, tok = load_stage(st, quantization=s.quantization, trust_remote_code=s.trust_remote_code)
-    max_length = s.max_length or int(st.config.get("max_length") or 1024)
+    context = context_length(model)
+    if s.max_length and s.max_length > context:
+        raise ConfigError(f"--max-length {s.max_length} exceeds the model's context of {context} tokens (its "
+                          "max_position_embeddings); give at most that")
+    max_length = min(s.max_length or int(st.config.get("max_length") or 1024), context)
     out, replies = {}, None
     if sft_rows:
         loss, tokens = lm_loss(model, tok, sft_rows, max_length, s.batch_size)
         out.update(loss=loss, perplexity=math.exp(min(loss, 700.0)), loss_tokens=tokens)
+    # --max-new-tokens, else the stage's (or 256), capped to fit the context with the prompt
+    max_new_tokens, limit = fit_context(context, s.max_new_tokens, None, default_new=int(
+        st.config.get("max_new_tokens") or 256), default_prompt=int(st.config.get("max_prompt_length") or max_length))
     if replies_needed:
-        limit = int(st.config.get("max_prompt_length") or max_length)
         prompts, too_long = encode_prompts(tok, prompt_rows, limit, "eval prompts")
         keep = [i for i in range(len(prompts)) if prompts[i] is not None]
         got = generate_all(model, tok, [prompts[i] for i in keep], batch_size=s.batch_size,
@@ -182,7 +215,7 @@ def _eval_policy(st: Stage, sft_rows, prompt_rows, metric, replies_needed: bool,
             out["task_prompts"] = len(keep)
     del model
     release()
-    return out, replies
+    return out, replies, max_new_tokens
 
 
 def _rewards(rm: Stage, prompt_rows: list[dict], replies: dict, s: EvalSettings) -> dict:
@@ -242,12 +275,10 @@ def evaluate_folder(folder: str, s: EvalSettings, *, rm: str | None = None, base
     if not (sft_rows or metric or rm):
         raise DataError(f"rlhf eval: nothing to measure on {', '.join(names)}: it has no reference answers (for the "
                         "loss), no `metric:` in the registry, and no --rm was given to score replies")
-    new_tokens = s.max_new_tokens or int(st.config.get("max_new_tokens") or 256)
     need = bool(metric or rm)
-    result["metrics"], replies = _eval_policy(st, sft_rows, prompt_rows, metric, need, s, new_tokens)
+    result["metrics"], replies, new_tokens = _eval_policy(st, sft_rows, prompt_rows, metric, need, s)
     if other:
-        result["baseline"]["metrics"], base_replies = _eval_policy(other, sft_rows, prompt_rows, metric, need, s,
-                                                                   new_tokens)
+        result["baseline"]["metrics"], base_replies, _ = _eval_policy(other, sft_rows, prompt_rows, metric, need, s)
     if scorer:
         mine = _rewards(scorer, prompt_rows, replies, s)
         result["metrics"]["reward_mean"] = sum(mine.values()) / len(mine)

@@ -49,7 +49,7 @@ def generation_options(f):
     opts = [
         click.option("--max-new-tokens", type=int, default=None,
                      help="Longest reply in tokens [default: chat 256; generate/eval the stage's max_new_tokens, "
-                     "else 256]."),
+                     "else 256; a default is at most half the model's context]."),
         click.option("--temperature", type=float, default=None,
                      help="Sampling temperature; 0 is greedy decoding [default: chat 0.7, generate/eval 0]."),
         click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling (1.0: off)."),
@@ -92,7 +92,7 @@ def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[int]
     while (ids := encode_prompt(tokenizer, head + body, budget)) is None:
         if len(body) <= 1:
             raise DataError(f"that message alone is longer than the {budget} tokens a prompt may take; write a "
-                             "shorter one, or raise --max-length")
+                             "shorter one, or make room (--max-length up to the model's context, --max-new-tokens)")
         body = body[next((i for i in range(1, len(body)) if body[i]["role"] == "user"), len(body) - 1):]
     return ids, head + body
 
@@ -165,14 +165,6 @@ def chat_loop(model, tokenizer, *, system: str | None, max_new_tokens: int, max_
         messages.append({"role": "assistant", "content": tokenizer.decode(new[:cut], skip_special_tokens=True)})
 
 
-def _context_length(model) -> int:
-    cfg = model.config
-    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
-        if isinstance(getattr(cfg, key, None), int):
-            return getattr(cfg, key)
-    return 2048
-
-
 @click.command("chat")
 @click.argument("folder")
 @click.option("--system", default=None, help="System prompt for the conversation.")
@@ -187,16 +179,21 @@ def chat(folder, system, max_length, max_new_tokens, temperature, top_p, top_k, 
     """
     import torch
 
+    from rlhf.config import ConfigError
+    from rlhf.evaluate import context_length, fit_context
+
     setup_logging("warning")  # the terminal is for the conversation
     sampling = _sampling(0.7 if temperature is None else temperature, top_p, top_k)
     st = open_stage(folder, POLICIES, "rlhf chat", base)
     model, tokenizer = load_stage(st, quantization=quantization, trust_remote_code=trust_remote_code)
     torch.manual_seed(seed)
-    max_new_tokens = max_new_tokens or 256
-    max_length = max_length or _context_length(model)
-    if max_new_tokens >= max_length:
-        raise click.BadParameter(f"{max_new_tokens} leaves no room for the prompt in a context of {max_length} tokens",
-                                 param_hint="--max-new-tokens")
+    context = context_length(model)
+    if max_length and max_length > context:
+        raise ConfigError(f"--max-length {max_length} exceeds the model's context of {context} tokens (its "
+                          "max_position_embeddings); give at most that")
+    # a reply of --max-new-tokens, by default 256 but at most half the context; the history gets the rest
+    max_new_tokens, _ = fit_context(max_length or context, max_new_tokens, None)
+    max_length = max_length or context
     click.echo(f"rlhf chat: {folder} ({st.stage}, base {st.base}). {HELP}.")
     chat_loop(model, tokenizer, system=system, max_new_tokens=max_new_tokens, max_length=max_length, sampling=sampling)
 
@@ -214,7 +211,8 @@ def _read_jsonl(path: str) -> dict[int, dict]:
     return rows
 
 
-def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: int = 8, max_new_tokens: int = 256,
+def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: int = 8,
+                  max_new_tokens: int | None = None,
                   max_length: int | None = None, sampling: dict | None = None, quantization: str = "stage",
                   trust_remote_code: bool = False,
                   progress: bool = True) -> int:
@@ -228,8 +226,13 @@ def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: i
         raise DataError(f"--input {input_path}: expected a .jsonl file (one JSON object per line)")
     examples = load_examples([input_path], kind="prompt")  # bad rows stop here, naming file and line
     rows = _read_jsonl(input_path)
+    from rlhf.evaluate import context_length, fit_context
+
     model, tokenizer = load_stage(st, quantization=quantization, trust_remote_code=trust_remote_code)
-    limit = max_length or int(st.config.get("max_prompt_length") or st.config.get("max_length") or 1024)
+    # reply and prompt fit the model's context together (defaults are capped; values given that cannot fit: one line)
+    max_new_tokens, limit = fit_context(context_length(model), max_new_tokens, max_length, default_new=int(
+        st.config.get("max_new_tokens") or 256), default_prompt=int(
+        st.config.get("max_prompt_length") or st.config.get("max_length") or 1024))
     prompts, too_long = encode_prompts(tokenizer, examples, limit, input_path)
     if too_long:
         where = ", ".join(str(examples[i]["meta"]["row"]) for i in too_long[:5])
@@ -252,7 +255,8 @@ def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: i
 @click.option("--output", "output_path", required=True, help="JSONL out: each input row with `response` added.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Prompts per batch.")
 @click.option("--max-length", type=int, default=None,
-              help="Longest prompt in tokens, template applied [default: the stage's max_prompt_length or max_length].")
+              help="Longest prompt in tokens, template applied [default: the stage's max_prompt_length or max_length, "
+                   "at most what the model's context leaves after the reply].")
 @generation_options
 def generate_cmd(folder, input_path, output_path, batch_size, max_length, max_new_tokens, temperature, top_p, top_k,
                  seed, quantization, trust_remote_code, base):
@@ -263,7 +267,7 @@ def generate_cmd(folder, input_path, output_path, batch_size, max_length, max_ne
     torch.manual_seed(seed)
     st = open_stage(folder, POLICIES, "rlhf generate", base)
     n = generate_file(st, input_path, output_path, batch_size=batch_size,
-                      max_new_tokens=max_new_tokens or int(st.config.get("max_new_tokens") or 256),
+                      max_new_tokens=max_new_tokens,
                       max_length=max_length, sampling=_sampling(temperature or 0.0, top_p, top_k),
                       quantization=quantization, trust_remote_code=trust_remote_code)
     click.echo(f"wrote {n} replies -> {output_path}")

@@ -623,7 +623,10 @@ def run(cfg: PPOConfig) -> str:
     metrics.update({f"{k}_after": v for k, v in run_eval("end").items()})
     if last_saved != step:
         save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit, accelerator)
-    accelerator.end_training()  # the trackers' files closed before the folder is renamed
+    # the trackers' files closed before the folder is renamed; not accelerator.end_training(), which also destroys
+    # the process group (the wait_for_everyone below, and a pipeline's next stage, need it)
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if main:
         # the policy at the folder root: PeftModel.from_pretrained(base, folder)
         save_adapter(roles.model, "policy", work)

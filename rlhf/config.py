@@ -118,7 +118,7 @@ class DataConfig:
     registry_file: str | None = opt(None, "Your own registry file (YAML/JSON, or LLaMA-Factory's dataset_info.json), "
                                           "merged over the built-in one.")
     template: str = opt("auto", "Chat template: auto (the tokenizer's own, else chatml), own (the tokenizer's), or a "
-                                "built-in name: alpaca, chatml, llama3.", choices=["auto", "own", *TEMPLATES])
+                                f"built-in name: {', '.join(TEMPLATES)}.", choices=["auto", "own", *TEMPLATES])
     max_length: int = opt(1024, "Longest tokenized example; longer ones are truncated.")
     num_samples: int | None = opt(None, "Use at most this many rows of each dataset.")
     val_size: float = opt(0.0,

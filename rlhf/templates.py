@@ -8,8 +8,10 @@ property, or a TemplateError says so. The text is tokenized segment by segment
 (masked, trained, masked, ...) so labels line up with tokens exactly, and
 ``encode_prompt`` tokenizes a prompt the way ``encode_sft``/``encode_pair`` do.
 
-End of turn: chatml ends turns with ``<|im_end|>``, llama3 with ``<|eot_id|>``, alpaca
-with ``tokenizer.eos_token``. When a built-in template's marker is not a single token
+End of turn: chatml and qwen2.5 end turns with ``<|im_end|>``, llama3 with ``<|eot_id|>``,
+phi3 with ``<|end|>``, gemma with ``<end_of_turn>``, alpaca, llama2 and mistral with
+``tokenizer.eos_token``. qwen2.5 and gemma are trl's training templates, read from the
+installed trl. When a built-in template's marker is not a single token
 of the tokenizer, ``apply_template`` makes the template end turns with
 ``tokenizer.eos_token`` instead, so generation can stop on an id. For any template,
 the end-of-turn token is found by rendering a probe conversation: the first token
@@ -21,7 +23,20 @@ BOS: only what the template renders (llama3 renders ``bos_token``, e.g.
 """
 from __future__ import annotations
 
+import importlib.util
+import logging
+from pathlib import Path
+
 from rlhf.errors import RlhfError, did_you_mean
+
+log = logging.getLogger("rlhf")
+
+
+def _trl_template(name: str) -> str:
+    """One of trl's training chat templates (trl/chat_templates/<name>.jinja): the model's own template made
+    prefix-preserving, with {% generation %} marks (rendered as plain text here). Read without importing trl."""
+    spec = importlib.util.find_spec("trl")
+    return Path(spec.submodule_search_locations[0], "chat_templates", f"{name}.jinja").read_text()
 
 
 TEMPLATES: dict[str, str] = {
@@ -52,8 +67,49 @@ TEMPLATES: dict[str, str] = {
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '### Response:\n' }}{%- endif -%}"
     ),
+    # Llama-2-chat: [INST] blocks, the system prompt in <<SYS>> inside the first one, a turn ends with eos
+    "llama2": (
+        "{%- set eot = eos_token -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set sys = '<<SYS>>\n' + messages[0]['content'] + '\n<</SYS>>\n\n' -%}{%- set msgs = messages[1:] -%}"
+        "{%- else -%}{%- set sys = '' -%}{%- set msgs = messages -%}{%- endif -%}"
+        "{%- for message in msgs -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ (bos_token or '') + '[INST] ' + (sys if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] | trim + ' ' + eot }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    # Mistral-Instruct: one bos, [INST] blocks, the system prompt before the first user message, eos ends a turn
+    "mistral": (
+        "{%- set eot = eos_token -%}"
+        "{%- if messages and messages[0]['role'] == 'system' -%}"
+        "{%- set sys = messages[0]['content'] + '\n\n' -%}{%- set msgs = messages[1:] -%}"
+        "{%- else -%}{%- set sys = '' -%}{%- set msgs = messages -%}{%- endif -%}"
+        "{{ bos_token or '' }}"
+        "{%- for message in msgs -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ '[INST] ' + (sys if loop.first else '') + message['content'] | trim + ' [/INST]' }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] | trim + eot }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    ),
+    # Phi-3(.5)-instruct: trl's phi3_training ends a finished conversation with eos after <|end|>\n, which breaks the
+    # prefix property for all but the last turn; this is the same template without that eos
+    "phi3": (
+        "{%- set eot = '<|end|>' -%}"
+        "{%- for message in messages -%}"
+        "{{ '<|' + message['role'] + '|>\n' + message['content'] + eot + '\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+    ),
+    "qwen2.5": _trl_template("qwen2_5_training"),  # Qwen2.5 (default system prompt, tools)
+    "gemma": _trl_template("gemma3_training"),  # Gemma 2/3 (the system prompt goes before the first user message)
 }
-_MARKERS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}  # alpaca ends turns with eos_token already
+# the end-of-turn marker of each template; alpaca, llama2 and mistral end turns with eos_token already
+_MARKERS = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>", "phi3": "<|end|>", "qwen2.5": "<|im_end|>",
+            "gemma": "<end_of_turn>"}
+_FIXED = ("qwen2.5", "gemma")  # trl's text, kept as is: the tokenizer must have the marker as one token
 _PROBE = "Zq7 probe reply"
 _PREFIX_BROKEN = ("the chat template breaks the prefix property at {where}: the text up to an assistant turn "
                   "(with the generation prompt) is not a prefix of the text with the reply, so prompt and reply "
@@ -80,6 +136,8 @@ def apply_template(tokenizer, name: str = "auto") -> str:
         if name == "own":
             raise TemplateError("template 'own': the tokenizer has no chat template; pick one of "
                                 f"{', '.join(TEMPLATES)}")
+        log.info("template auto: the tokenizer has no chat template of its own; using chatml (set template: to one "
+                 "of %s to choose)", ", ".join(TEMPLATES))
         name = "chatml"
     if name not in TEMPLATES:
         raise TemplateError(f"unknown template '{name}'; use auto, own, or one of {', '.join(TEMPLATES)}"
@@ -87,6 +145,9 @@ def apply_template(tokenizer, name: str = "auto") -> str:
     template = TEMPLATES[name]
     marker = _MARKERS.get(name)
     if marker and len(tokenizer(marker, add_special_tokens=False)["input_ids"]) != 1:
+        if name in _FIXED:
+            raise TemplateError(f"template {name}: {marker} (its end of turn) is not one token of this tokenizer; "
+                                f"use it with the model's own tokenizer, or pick another template (e.g. chatml)")
         # Not one token here: end turns with eos so generation can stop on an id.
         template = template.replace(f"{{%- set eot = '{marker}' -%}}", "{%- set eot = eos_token -%}")
     tokenizer.chat_template = template

@@ -147,3 +147,46 @@ def test_templates_that_cannot_mask_are_refused(chatml_tok):
     chatml_tok.chat_template = None
     with pytest.raises(TemplateError, match="apply_template"):
         encode_prompt(chatml_tok, SINGLE[:1], max_length=256)
+
+
+MODEL_SPECIALS = ["<s>", "</s>", "<|im_start|>", "<|im_end|>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>",
+                  "<start_of_turn>", "<end_of_turn>"]
+
+
+@pytest.mark.parametrize("name,first,second", [
+    ("llama2", " four. </s>", " the cat sat on the mat. </s>"),
+    ("mistral", " four.</s>", " the cat sat on the mat.</s>"),
+    ("phi3", "four.<|end|>", "the cat sat on the mat.<|end|>"),
+    ("qwen2.5", "four.<|im_end|>", "the cat sat on the mat.<|im_end|>"),
+    ("gemma", "four.<end_of_turn>", "the cat sat on the mat.<end_of_turn>"),
+])
+def test_model_templates_train_exactly_the_replies_and_end_of_turn(name, first, second):
+    tok = make_tokenizer(MODEL_SPECIALS, bos_token="<s>", eos_token="</s>")
+    assert apply_template(tok, name) == name
+    for convo, want in ((MULTI, [first, second]), (MULTI[1:3], [first])):  # with and without a system prompt
+        enc = encode_sft(tok, convo, max_length=512)
+        check_labels(enc)
+        assert trained_segments(tok, enc) == want
+        text = tok.decode(enc["input_ids"])
+        assert all(m["content"] in text for m in convo)
+        prompt = encode_prompt(tok, convo[:-1], max_length=512)
+        ids, truncated = encode_pair(tok, convo[:-1], convo[-1]["content"], max_length=512)
+        assert not truncated and ids[: len(prompt)] == prompt and tok.decode(ids[len(prompt):]) == want[-1]
+    end = want[-1].split(".")[-1].strip()
+    assert end_of_turn(tok) == end
+    assert stop_token_ids(tok) == [tok.eos_token_id] + ([tok.convert_tokens_to_ids(end)] if end != "</s>" else [])
+
+
+def test_model_templates_without_their_end_token(chatml_tok):
+    apply_template(chatml_tok, "phi3")  # no <|end|> here: turns end with eos, as chatml and llama3 do
+    assert trained_segments(chatml_tok, encode_sft(chatml_tok, SINGLE, max_length=256)) == ["four.<|endoftext|>"]
+    with pytest.raises(TemplateError, match="<end_of_turn> .* is not one token"):
+        apply_template(chatml_tok, "gemma")
+
+
+def test_auto_without_own_template_says_so_in_the_log(chatml_tok, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="rlhf"):
+        assert apply_template(chatml_tok, "auto") == "chatml"
+    assert "no chat template of its own; using chatml" in caplog.text

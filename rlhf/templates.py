@@ -11,7 +11,8 @@ property, or a TemplateError says so. The text is tokenized segment by segment
 End of turn: chatml and qwen2.5 end turns with ``<|im_end|>``, llama3 with ``<|eot_id|>``,
 phi3 with ``<|end|>``, gemma with ``<end_of_turn>``, alpaca, llama2 and mistral with
 ``tokenizer.eos_token``. qwen2.5 and gemma are trl's training templates, read from the
-installed trl. When a built-in template's marker is not a single token
+installed trl. A tokenizer's own template is kept when it can mask; one that cannot (not
+prefix-preserving, e.g. Qwen3's) is replaced by trl's training version of it, if trl has one. When a built-in template's marker is not a single token
 of the tokenizer, ``apply_template`` makes the template end turns with
 ``tokenizer.eos_token`` instead, so generation can stop on an id. For any template,
 the end-of-turn token is found by rendering a probe conversation: the first token
@@ -132,6 +133,7 @@ def apply_template(tokenizer, name: str = "auto") -> str:
         tokenizer.pad_token = tokenizer.eos_token
     if name in ("auto", "own"):
         if tokenizer.chat_template:
+            _trainable_own(tokenizer)
             return "own"
         if name == "own":
             raise TemplateError("template 'own': the tokenizer has no chat template; pick one of "
@@ -152,6 +154,32 @@ def apply_template(tokenizer, name: str = "auto") -> str:
         template = template.replace(f"{{%- set eot = '{marker}' -%}}", "{%- set eot = eos_token -%}")
     tokenizer.chat_template = template
     return name
+
+
+_TWO_TURNS = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE},
+              {"role": "user", "content": "And?"}, {"role": "assistant", "content": _PROBE}]
+
+
+def _trainable_own(tokenizer) -> None:
+    """Keep the tokenizer's own template when assistant turns can be masked with it; else swap in trl's training
+    version of it when trl has one that can (Qwen3's own template renders earlier turns otherwise than the last)."""
+    own = tokenizer.chat_template
+    try:
+        _assistant_spans(tokenizer, _TWO_TURNS)
+        return
+    except Exception:  # noqa: BLE001 - any failure to mask: try trl's version; encode_sft says why if none fits
+        pass
+    try:
+        from trl.chat_template_utils import get_training_chat_template
+
+        tokenizer.chat_template = get_training_chat_template(tokenizer) or own
+        _assistant_spans(tokenizer, _TWO_TURNS)
+    except Exception:  # noqa: BLE001 - trl knows no fitting version: keep the own one
+        tokenizer.chat_template = own
+        return
+    if tokenizer.chat_template != own:
+        log.info("the tokenizer's own chat template cannot mask assistant turns (not prefix-preserving); using trl's "
+                 "training version of it")
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:

@@ -190,3 +190,20 @@ def test_auto_without_own_template_says_so_in_the_log(chatml_tok, caplog):
     with caplog.at_level(logging.INFO, logger="rlhf"):
         assert apply_template(chatml_tok, "auto") == "chatml"
     assert "no chat template of its own; using chatml" in caplog.text
+
+
+def test_own_template_that_cannot_mask_is_swapped_for_trls_training_version():
+    from rlhf.templates import _trl_template
+
+    tok = make_tokenizer(["</s>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"], eos_token="</s>")
+    qwen3 = _trl_template("qwen3")  # Qwen3's own template: earlier turns render without the think block
+    tok.chat_template = qwen3
+    assert apply_template(tok, "auto") == "own" and tok.chat_template == _trl_template("qwen3_training")
+    enc = encode_sft(tok, MULTI, max_length=512)
+    check_labels(enc)
+    assert trained_segments(tok, enc) == ["<think>\n\n</think>\n\nfour.<|im_end|>",
+                                          "<think>\n\n</think>\n\nthe cat sat on the mat.<|im_end|>"]
+    prompt = encode_prompt(tok, MULTI[:-1], max_length=512)
+    assert encode_pair(tok, MULTI[:-1], MULTI[-1]["content"], max_length=512)[0][: len(prompt)] == prompt
+    tok.chat_template = TEMPLATES["chatml"]  # one that masks stays as it is
+    assert apply_template(tok, "own") == "own" and tok.chat_template == TEMPLATES["chatml"]

@@ -12,9 +12,10 @@ End of turn: chatml and qwen2.5 end turns with ``<|im_end|>``, llama3 with ``<|e
 phi3 with ``<|end|>``, gemma with ``<end_of_turn>``, alpaca, llama2 and mistral with
 ``tokenizer.eos_token``. qwen2.5 and gemma are trl's training templates, read from the
 installed trl. A tokenizer's own template is kept when it can mask; one that cannot (not
-prefix-preserving, e.g. Qwen3's) is replaced by trl's training version of it, if trl has one. When a built-in template's marker is not a single token
-of the tokenizer, ``apply_template`` makes the template end turns with
-``tokenizer.eos_token`` instead, so generation can stop on an id. For any template,
+prefix-preserving, e.g. Qwen3's) is replaced by trl's training version of it, if trl has one.
+When a built-in template's marker is not a single token of the tokenizer, ``apply_template``
+makes the template end turns with ``tokenizer.eos_token`` instead (qwen2.5 and gemma, trl's
+text, are refused), so generation can stop on an id. For any template,
 the end-of-turn token is found by rendering a probe conversation: the first token
 after the assistant's text must be a special (added) token.
 

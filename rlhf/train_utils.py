@@ -83,6 +83,43 @@ def trackers(cfg) -> list[str]:
     return [] if names in ([], ["none"]) else names
 
 
+def tracker_config(config: dict) -> dict:
+    """A resolved config as trackers' hyperparameters take it (tensorboard's hparams: scalars and strings only)."""
+    return {k: v if isinstance(v, (bool, int, float, str)) else str(v) for k, v in config.items()}
+
+
+def check_trackers(cfg, started: list) -> None:
+    """Say which of report_to's trackers did not start (accelerate drops one whose package is missing)."""
+    names = trackers(cfg)
+    if names and names != ["all"] and (missing := set(names) - {t.name for t in started}):
+        log.warning("report_to: %s not installed (pip install %s): not logged to", ", ".join(sorted(missing)),
+                    " ".join(sorted(missing)))
+
+
+def open_trackers(cfg, folder: Path, run_name: str, config: dict) -> list:
+    """report_to's trackers for a loop without an Accelerator (pt), built as accelerate's ``init_trackers`` builds
+    them; the ones that write files (tensorboard) write under ``folder``. Log with ``t.log(row, step=...)``, close
+    with ``t.finish()``."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, filter_trackers
+
+    from rlhf.config import ConfigError
+
+    if not trackers(cfg):
+        return []
+    try:
+        kinds = filter_trackers(trackers(cfg), str(folder))
+    except ValueError as e:
+        raise ConfigError(f"report_to {cfg.report_to}: {e}") from None
+    started = []
+    for kind in kinds:
+        cls = LOGGER_TYPE_TO_CLASS[str(kind)]
+        started.append(cls(run_name, str(folder)) if cls.requires_logging_directory else cls(run_name))
+        started[-1].start()
+        started[-1].store_init_configuration(tracker_config(config))
+    check_trackers(cfg, started)
+    return started
+
+
 def train_from(trainer, resume_from: str | None) -> None:
     """``trainer.train``, resumed from ``resume_from``. A checkpoint at the last step (a run killed while saving its
     result) is loaded and not trained on: the HF Trainer would train one step past max_steps."""

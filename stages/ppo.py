@@ -463,8 +463,8 @@ def run(cfg: PPOConfig) -> str:
     from rlhf.loader import inherit_quantization, load_tokenizer
     from rlhf.manifest import check_parent, finish_output, prepare_output, work_dir
     from rlhf.templates import apply_template, stop_token_ids
-    from rlhf.train_utils import (LOG_FILE, TRACKER_DIR, all_finite, dataset_metric, diverged, load_train_eval,
-                                  read_log, resume_point, trackers)
+    from rlhf.train_utils import (LOG_FILE, TRACKER_DIR, all_finite, check_trackers, dataset_metric, diverged,
+                                  load_train_eval, read_log, resume_point, tracker_config, trackers)
 
     started, requested = time.time(), to_dict(cfg)  # requested: the config as given (rlhf pipeline compares it)
     # --- parents: SFT and RM on the same base
@@ -538,9 +538,10 @@ def run(cfg: PPOConfig) -> str:
         step = load_checkpoint(Path(ckpt), roles, optimizer, scheduler, kl_ctl, score_norm, accelerator.process_index)
     main = accelerator.is_main_process
 
-    # the trackers get the train_log.jsonl rows, with the same names (hparams: scalars only)
-    accelerator.init_trackers("ppo", config={k: v if isinstance(v, (bool, int, float, str)) else str(v)
-                                             for k, v in to_dict(cfg).items()})
+    # the trackers get the train_log.jsonl rows, with the same names
+    accelerator.init_trackers("ppo", config=tracker_config(to_dict(cfg)))
+    if main:
+        check_trackers(cfg, accelerator.trackers)
 
     def write(path: Path, row: dict):
         if main:

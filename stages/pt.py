@@ -47,9 +47,11 @@ class PTConfig:
     per_device_eval_batch_size: int = _same(TrainConfig, "per_device_eval_batch_size", 32)
     lr_scheduler_type: str = _same(TrainConfig, "lr_scheduler_type")
     warmup_ratio: float = _same(TrainConfig, "warmup_ratio", 0.05)
+    warmup_steps: int = _same(TrainConfig, "warmup_steps")
     weight_decay: float = _same(TrainConfig, "weight_decay", 0.01)
     max_grad_norm: float = _same(TrainConfig, "max_grad_norm")
     logging_steps: int = _same(TrainConfig, "logging_steps")
+    report_to: list[str] = _same(TrainConfig, "report_to")
     overwrite_output_dir: bool = _same(TrainConfig, "overwrite_output_dir")
     # the model
     arch: str = opt("llama", "Architecture of the new model.", choices=ARCHS)
@@ -170,7 +172,7 @@ def run(cfg: PTConfig) -> str:
     from rlhf.manifest import finish_output, prepare_output
     from rlhf.templates import TEMPLATES
     from rlhf.tiny import tiny_config, train_tokenizer
-    from rlhf.train_utils import LOG_FILE, DivergedError, plot_curves
+    from rlhf.train_utils import LOG_FILE, TRACKER_DIR, DivergedError, open_trackers, plot_curves
 
     started = time.time()
     if process_state().num_processes > 1:
@@ -220,6 +222,7 @@ def run(cfg: PTConfig) -> str:
     rows, running = [], []
     t0 = time.time()
     log = open(work / LOG_FILE, "w")
+    tracked = open_trackers(cfg, work / TRACKER_DIR, "pt", to_dict(cfg))  # the rows' names, under runs/pt
     for step in range(1, steps + 1):
         starts = torch.randint(0, len(train_ids) - block - 1, (bs,), generator=gen).tolist()
         x, y = _windows(train_ids, starts, block)
@@ -243,8 +246,12 @@ def run(cfg: PTConfig) -> str:
             rows.append(row)
             log.write(json.dumps(row) + "\n")
             log.flush()
+            for t in tracked:
+                t.log({k: v for k, v in row.items() if k != "step"}, step=step)
             running = []
     log.close()
+    for t in tracked:
+        t.finish()
 
     # save: model + tokenizer (chatml template; texts end with <|im_end|>), metrics, plot
     end_texts_with_end_of_turn(model, tokenizer)

@@ -48,12 +48,27 @@ def test_ppo_logs_the_jsonl_names_to_tensorboard(tiny_model_dir, tmp_path):
     assert "step" not in logged
 
 
+def test_pt_logs_the_jsonl_names_to_tensorboard(tmp_path):
+    from rlhf.datasets_registry import make_demo_data as mdd
+    from test_pt import pretrain
+
+    data = tmp_path / "slice.jsonl"
+    data.write_text("\n".join((mdd.DATA_DIR / "demo_corpus.jsonl").read_text().splitlines()[:200]) + "\n")
+    out = pretrain(tmp_path, str(data), report_to="tensorboard", max_steps=10)
+    logged = scalars(out / TRACKER_DIR / "pt")
+    want = {r["step"]: r["loss"] for r in read_log(out)}
+    assert len(want) >= 2 and logged["loss"] == pytest.approx(want, rel=1e-6)
+
+
 def test_report_to_none_writes_no_event_files_and_is_the_default(tmp_path):
-    from rlhf.config import TrainConfig
-    from rlhf.train_utils import trackers
+    from rlhf.config import ConfigError, TrainConfig
+    from rlhf.train_utils import open_trackers, trackers
 
     assert trackers(TrainConfig()) == []
     assert trackers(TrainConfig(report_to=["tensorboard", "wandb"])) == ["tensorboard", "wandb"]
+    with pytest.raises(ConfigError, match="report_to.*no_such_tracker"):
+        open_trackers(TrainConfig(report_to=["no_such_tracker"]), tmp_path, "pt", {})
+    assert open_trackers(TrainConfig(), tmp_path, "pt", {}) == [] and not list(tmp_path.iterdir())
 
 
 def ppo_rows(n=12):

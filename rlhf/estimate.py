@@ -119,14 +119,19 @@ class Shape:
     bias: bool = False  # biases on every block linear (gpt2, gpt_neox, bloom)
     qkv_bias: bool = False  # biases on q, k, v only (qwen2)
     positions: int = 0  # learned position embeddings (gpt2)
+    head_dim: int = 0  # per-head width when the config sets it apart from hidden / heads (0: hidden // heads)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
 
     @property
     def kv_dim(self) -> int:
-        return self.kv_heads * (self.hidden // self.heads)
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
 
     def linears(self) -> list[tuple[str, int, int]]:
         """(name, in, out) of each linear layer in one block, named as the architecture names them."""
-        h, k, i = self.hidden, self.kv_dim, self.intermediate
+        h, k, i, q = self.hidden, self.kv_dim, self.intermediate, self.q_dim
         if self.arch == "gpt2":
             return [("c_attn", h, 3 * h), ("attn.c_proj", h, h), ("c_fc", h, i), ("mlp.c_proj", i, h)]
         if self.arch in ("gpt_neox", "bloom"):
@@ -134,7 +139,7 @@ class Shape:
             return [("query_key_value", h, 3 * h), ("dense", h, h), *mlp]
         gate = [("gate_proj", h, i)] if self.gated else []
         mlp = [*gate, ("up_proj", h, i), ("down_proj", i, h)]
-        return [("q_proj", h, h), ("k_proj", h, k), ("v_proj", h, k), ("o_proj", h, h), *mlp]
+        return [("q_proj", h, q), ("k_proj", h, k), ("v_proj", h, k), ("o_proj", q, h), *mlp]
 
     def linear_params(self) -> int:
         """Weights of the block linears (what 4/8-bit quantization packs), all layers."""
@@ -147,7 +152,7 @@ class Shape:
         if self.bias:
             per_layer += sum(b for _, _, b in self.linears())
         if self.qkv_bias:
-            per_layer += h + 2 * self.kv_dim
+            per_layer += self.q_dim + 2 * self.kv_dim
         total = self.layers * per_layer + self.vocab * h * (1 if self.tied else 2) + norm + self.positions * h
         if self.arch == "bloom":
             total += 2 * h  # the layer norm after the word embeddings
@@ -155,6 +160,10 @@ class Shape:
 
 
 # LLaMA-1 (Touvron et al. 2023, Table 2) and Llama-2-70B / TinyLlama-1.1B, by their published configs.
+# Current open models, by the config.json of each on the Hugging Face hub (hidden, layers, heads, kv heads, MLP, vocab,
+# tied): meta-llama/Llama-3.1-8B and -70B (Llama 3.2/3.3 share these shapes), Qwen/Qwen2.5-7B and -72B (q/k/v biases;
+# the 0.5B-3B sizes tie their embeddings, these do not), mistralai/Mistral-7B-v0.1 (v0.3: vocab 32768).
+# Totals as published on the model cards: 8.03B, 70.6B, 7.62B, 72.7B, 7.24B (tests/test_estimate.py checks to 1%).
 NAMED = {
     "1b": Shape("TinyLlama-1.1B", 32000, 2048, 22, 32, 4, 5632),
     "7b": Shape("LLaMA-7B", 32000, 4096, 32, 32, 32, 11008),
@@ -162,8 +171,19 @@ NAMED = {
     "30b": Shape("LLaMA-33B", 32000, 6656, 60, 52, 52, 17920),
     "65b": Shape("LLaMA-65B", 32000, 8192, 80, 64, 64, 22016),
     "70b": Shape("Llama-2-70B", 32000, 8192, 80, 64, 8, 28672),
+    "llama3-8b": Shape("Llama-3.1-8B", 128256, 4096, 32, 32, 8, 14336),
+    "llama3-70b": Shape("Llama-3.1-70B", 128256, 8192, 80, 64, 8, 28672),
+    "qwen2.5-7b": Shape("Qwen2.5-7B", 152064, 3584, 28, 28, 4, 18944, qkv_bias=True),
+    "qwen2.5-72b": Shape("Qwen2.5-72B", 152064, 8192, 80, 64, 8, 29568, qkv_bias=True),
+    "mistral-7b": Shape("Mistral-7B-v0.1", 32000, 4096, 32, 32, 8, 14336),
 }
 NAMED["33b"] = NAMED["30b"]
+# the spellings users type: 8b is Llama-3.1's 8B (there is no LLaMA-1/2 8B); llama3.x-, qwen2-, hub-style names
+ALIASES = {"8b": "llama3-8b", "llama3.1-8b": "llama3-8b", "llama-3.1-8b": "llama3-8b",
+           "llama3.1-70b": "llama3-70b", "llama3.3-70b": "llama3-70b", "llama-3.1-70b": "llama3-70b",
+           "llama-3.3-70b": "llama3-70b", "qwen2.5-7b-instruct": "qwen2.5-7b", "qwen2.5-72b-instruct": "qwen2.5-72b",
+           "mistral-7b-v0.1": "mistral-7b", "llama-2-70b": "70b", "llama2-70b": "70b", "llama-2-7b": "7b",
+           "llama2-7b": "7b", "llama-2-13b": "13b", "llama2-13b": "13b"}
 
 
 def shape_from_config(cfg: dict, name: str = "model") -> Shape:
@@ -178,7 +198,7 @@ def shape_from_config(cfg: dict, name: str = "model") -> Shape:
         return default
 
     mt = cfg.get("model_type", "")
-    h = int(get("hidden_size", "n_embd", "d_model"))
+    h = int(get("hidden_size", "n_embd", "n_embed", "d_model"))  # bloom's published configs say n_embed
     heads = int(get("num_attention_heads", "n_head"))
     arch = mt if mt in ("gpt2", "gpt_neox", "bloom") else "llama"
     inter = cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * h
@@ -198,12 +218,15 @@ def shape_from_config(cfg: dict, name: str = "model") -> Shape:
         bias=arch != "llama",
         qkv_bias=mt == "qwen2",
         positions=int(cfg.get("n_positions", 0)) if arch == "gpt2" else 0,
+        head_dim=int(cfg.get("head_dim") or 0) if arch == "llama" else 0,  # e.g. Mistral-Nemo: 128 with hidden 5120
     )
 
 
 def load_shape(model: str) -> Shape:
-    """A named size (1b, 7b, 13b, 30b, 65b, 70b), a model folder, a config.json, or a hub id (needs its config)."""
-    key = model.lower().replace("llama-", "")
+    """A named size (NAMED, ALIASES: 7b, 8b, qwen2.5-7b, mistral-7b ...), a model folder, a config.json, or a hub id
+    (needs its config)."""
+    key = model.lower()
+    key = ALIASES.get(key, key if key in NAMED else key.replace("llama-", ""))  # llama-7b: the LLaMA-1 size
     if key in NAMED:
         return NAMED[key]
     p = Path(model).expanduser()

@@ -45,6 +45,74 @@ def test_parameter_counts_match_models_and_llama_paper(tiny_model_dir):
         assert published <= E.load_shape(name).params() < published + 0.1e9, name  # the paper truncates to 0.1B
 
 
+def test_estimate_from_config_json_matches_the_built_model(tmp_path):
+    """Any architecture through its config.json: GQA, tied embeddings, a head_dim apart from hidden / heads, and the
+    gpt2 / gpt_neox / bloom key names (bloom's published configs say n_embed), large vocabularies."""
+    import json
+
+    import torch  # noqa: F401
+    import transformers as tf
+
+    configs = {
+        "llama_gqa": tf.LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                                    num_attention_heads=8, num_key_value_heads=2),
+        "llama_head_dim": tf.LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+        "qwen2_tied": tf.Qwen2Config(vocab_size=1500, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+        "qwen2_untied": tf.Qwen2Config(vocab_size=1500, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False),
+        "mistral": tf.MistralConfig(vocab_size=800, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2),
+        "gpt2": tf.GPT2Config(vocab_size=700, n_embd=64, n_layer=2, n_head=4, n_positions=128),
+        "gpt_neox": tf.GPTNeoXConfig(vocab_size=700, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                     num_attention_heads=4),
+        "bloom": tf.BloomConfig(vocab_size=700, hidden_size=64, n_layer=2, n_head=4),
+    }
+    for name, cfg in configs.items():
+        folder = tmp_path / name
+        cfg.save_pretrained(folder)
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+        numel = sum(p.numel() for p in model.parameters())  # a tied head is one parameter, counted once
+        shape = E.load_shape(str(folder))
+        assert shape.params() == numel, (name, shape.params(), numel)
+        assert E.load_shape(str(folder / "config.json")).params() == numel
+        if name == "qwen2_tied":
+            assert shape.tied and shape.params() + 1500 * 64 == E.shape_from_config(
+                {**cfg.to_dict(), "tie_word_embeddings": False}).params()
+    # bloom as published (bigscience/bloom-560m's config.json spells the width n_embed)
+    bloom = {k: v for k, v in configs["bloom"].to_dict().items() if k != "hidden_size"}
+    (tmp_path / "bloom_published.json").write_text(json.dumps({**bloom, "n_embed": 64}))
+    published = E.load_shape(str(tmp_path / "bloom_published.json"))
+    assert published.params() == E.load_shape(str(tmp_path / "bloom")).params()
+
+
+def test_named_sizes_of_current_models_match_published_totals():
+    # totals on the model cards (rlhf/estimate.py, NAMED, cites the configs)
+    for name, published in [("llama3-8b", 8.03e9), ("8b", 8.03e9), ("llama3.1-8b", 8.03e9), ("llama3-70b", 70.6e9),
+                            ("qwen2.5-7b", 7.62e9), ("qwen2.5-72b", 72.7e9), ("mistral-7b", 7.24e9),
+                            ("Llama-2-70b", 69.0e9)]:
+        assert abs(E.load_shape(name).params() / published - 1) < 0.01, name
+    assert E.load_shape("llama3-8b").kv_heads == 8 and E.load_shape("qwen2.5-7b").vocab == 152064
+
+
+def test_qlora_counts_embeddings_and_lm_head_unquantized():
+    """bitsandbytes quantizes the block linears only; the embeddings, the LM head and the norms stay unquantized, and
+    prepare_model_for_kbit_training (rlhf/loader.py) upcasts them to fp32 for training: 4 bytes each. With a 152k
+    vocabulary (Qwen2.5-7B, untied) they are 1.09e9 parameters, 4.4 GB: more than its 4-bit block linears."""
+    shape = E.load_shape("qwen2.5-7b")
+    rest = shape.params() - shape.linear_params()
+    assert rest > 2 * shape.vocab * shape.hidden  # embedding + head (+ norms, q/k/v biases)
+    for method in ("qlora_4bit", "qlora_8bit"):
+        s = E.Setup(method=method, lora_r=8, lora_target=["q_proj", "v_proj"])
+        lora = 4 * E.lora_params(shape, s)
+        w = E.weight_bytes(shape, s)
+        linear = w - lora - 4 * rest
+        assert 0 < linear < (0.6 if method == "qlora_4bit" else 1.01) * shape.linear_params()
+        assert w > 4 * 2 * shape.vocab * shape.hidden
+    assert E.load_shape("qwen2.5-7b").linears()[0] == ("q_proj", 3584, 3584)
+
+
 def test_llama_65b_full_16bit_needs_780_gb():
     e = E.estimate(E.load_shape("65b"), E.Setup(method="full_16bit", optim="adamw_torch"))
     assert 780 * GB < e.states < 780 * GB * 1.01
@@ -245,26 +313,27 @@ def test_estimate_of_a_stage_config_uses_its_keys(tmp_path):
     from rlhf.config import load_config
     from rlhf.stages.sft import SFTConfig
 
-    cfg = load_config(SFTConfig, "configs/llama2-7b-qlora/sft.yaml")
+    ref = "configs/qwen2.5-7b-qlora/sft_reference.yaml"
+    cfg = load_config(SFTConfig, ref)
     s, ppo = E.setup_from_config(cfg)
     assert (s.method, s.lora_target, s.lora_r, s.lora_dropout, s.optim) == (
         "qlora_4bit", ["q_proj", "v_proj"], 8, 0.1, "paged_adamw_8bit")
     assert (s.batch_size, s.gradient_accumulation_steps, s.seq_len, s.gradient_checkpointing) == (4, 4, 1024, True)
     assert ppo == {}
-    r = CliRunner().invoke(cli, ["estimate", "configs/llama2-7b-qlora/sft.yaml", "--model", "7b"])
+    r = CliRunner().invoke(cli, ["estimate", ref, "--model", "qwen2.5-7b"])
     assert r.exit_code == 0, r.output
-    e = E.estimate(E.load_shape("7b"), s)
+    e = E.estimate(E.load_shape("qwen2.5-7b"), s)
     assert "QLoRA 4-bit NF4 + double quant, LoRA r=8 on q_proj,v_proj (dropout 0.1), micro-batch 4 x 4" in r.output
     assert f"peak {E._gib(e.peak)} GiB" in r.output and "stage sft, micro-batch 4, 1024 tokens" in r.output
-    r = CliRunner().invoke(cli, ["estimate", "configs/llama2-7b-qlora/sft.yaml", "--model", "7b", "--lora-target",
-                                 "all-linear", "--batch-size", "1"])
+    r = CliRunner().invoke(cli, ["estimate", ref, "--model", "qwen2.5-7b", "--lora-target", "all-linear",
+                                 "--batch-size", "1"])
     assert r.exit_code == 0 and "LoRA r=8 on all-linear" in r.output and "micro-batch 1 x 4" in r.output, r.output
     # ppo: its own keys (prompt and response lengths, mini-batches, the rollout's chunks)
-    cfg, shape = stage_config("ppo", "configs/llama2-7b-qlora/ppo.yaml", "7b", {})
+    cfg, shape = stage_config("ppo", "configs/qwen2.5-7b-qlora/ppo.yaml", "qwen2.5-7b", {})
     s, ppo = E.setup_from_config(cfg, "ppo")
     assert (s.seq_len, s.gradient_accumulation_steps, s.method, s.lora_dropout) == (512, 4, "qlora_4bit", 0.0)
-    assert ppo == {"prompt_len": 512, "response_len": 128, "value_model": "adapter", "rollout_batch": 16}
-    assert s.lora_target == ["q_proj", "v_proj"]  # the adapter shape of the SFT run it starts from (sft.yaml beside)
+    assert ppo == {"prompt_len": 512, "response_len": 256, "value_model": "adapter", "rollout_batch": 16}
+    assert (s.lora_r, s.lora_target) == (64, ["all-linear"])  # the adapter shape of the SFT run (sft.yaml beside)
     # the stage is the one whose config takes the file's keys; a bad key is the stage's own error
     bad = tmp_path / "x.yaml"
     bad.write_text("lora_rr: 4\n")

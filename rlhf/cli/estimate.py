@@ -140,10 +140,11 @@ _DEFAULT = " [default: CONFIG's value, else the stage config's default]"
               help="With --gpu-memory: share kept free (CUDA context, fragmentation).")
 @click.option("--full", is_flag=True, help="With --gpu-memory: also consider full 16-bit fine-tuning.")
 def estimate_cmd(model_or_config, stage, model, gpu_memory, target_batch, headroom, full, **options):
-    """Training memory of a stage: for CONFIG.yaml (the file `rlhf sft|rm|ppo` reads) or for MODEL (a named size
-    1b/7b/13b/30b/65b/70b, a model folder, a config.json or a hub id) with the stage's default config: weights,
-    gradients, optimizer state and activations for full fine-tuning, LoRA and QLoRA, with and without gradient
-    checkpointing; GiB. Formulas and their published anchors: rlhf/estimate.py."""
+    """Training memory of a stage: for CONFIG.yaml (the file `rlhf sft|rm|ppo` reads) or for MODEL (a named size:
+    7b 13b 30b 65b 70b (LLaMA-1/2), 8b (Llama-3.1), llama3-70b, qwen2.5-7b, qwen2.5-72b, mistral-7b; a model folder,
+    a config.json or a hub id) with the stage's default config: weights, gradients, optimizer state and activations
+    for full fine-tuning, LoRA and QLoRA, with and without gradient checkpointing; GiB.
+    Formulas and their published anchors: rlhf/estimate.py."""
     from rlhf.estimate import (METHOD_HELP, _gib, estimate_ppo, lora_modules, lora_params, parse_size, propose,
                                setup_from_config, setup_to_config, stage_estimate, table)
 

@@ -6,9 +6,12 @@ quantity on a real run. All sizes are bytes; the CLI prints GiB (2**30 bytes, as
 
 The model
 ---------
-Shape: vocabulary V, hidden h, layers L, heads a (kv heads g, head dim d = h/a, kv width k = g*d), MLP width I
-(gated SiLU MLP for llama-like models: gate, up, down; else two matrices). Parameters
-  P = V*h (embedding) + [V*h lm head unless tied] + L * (attention 2*h*h + 2*h*k, MLP 3*h*I or 2*h*I, norms)
+Shape: vocabulary V, hidden h, layers L, heads a (kv heads g, head dim d = h/a unless the config sets head_dim,
+query width q = a*d, kv width k = g*d), MLP width I (gated SiLU MLP for llama-like models: gate, up, down; else two
+matrices). Parameters
+  P = V*h (embedding) + [V*h lm head unless tied] + L * (attention 2*h*q + 2*h*k, MLP 3*h*I or 2*h*I, norms)
+Read from any causal LM's config.json (shape_from_config; tests/test_estimate.py checks the count against the model
+transformers builds from it, for llama with GQA and head_dim, qwen2 tied and untied, mistral, gpt2, gpt_neox, bloom).
 (LLaMA-7B: 6.74e9, 65B: 65.2e9, as the LLaMA paper's Table 2). "Block linears" are the matrices inside the
 layers; they are what bitsandbytes quantizes (embeddings, norms and the lm head stay unquantized).
 
@@ -613,7 +616,8 @@ def setup_to_config(s: Setup, stage: str = "sft") -> dict:
         out.update(finetuning_type="full", quantization="none", bf16=s.method != "full_fp32",
                    dtype="bfloat16" if s.method == "full_16bit" else "float32")
     else:
-        out.update(finetuning_type="lora", quantization=QUANT_OF[s.method], bf16=True, lora_r=s.lora_r)
+        out.update(finetuning_type="lora", quantization=QUANT_OF[s.method], bf16=True, lora_r=s.lora_r,
+                   lora_target=list(s.lora_target), lora_dropout=s.lora_dropout)  # the adapter the estimate sized
         if s.method == "qlora_4bit":
             out.update(bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=s.double_quant)
     out.update(gradient_checkpointing=s.gradient_checkpointing, optim=s.optim, per_device_train_batch_size=s.batch_size)

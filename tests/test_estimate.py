@@ -288,6 +288,10 @@ def test_cli(tiny_model_dir):
     assert r.exit_code == 0 and "| QLoRA 4-bit NF4 + double quant | 0.00 |" in r.output, r.output
     r = CliRunner().invoke(cli, ["estimate", "7b", "--stage", "rm", "--batch-size", "2"])
     assert r.exit_code == 0 and "stage rm" in r.output
+    # the proposal keeps the config's adapter (issue 14: it dropped lora_target)
+    r = CliRunner().invoke(cli, ["estimate", "configs/qwen2.5-7b-qlora/sft_reference.yaml", "--model", "qwen2.5-7b",
+                                 "--gpu-memory", "24"])
+    assert r.exit_code == 0 and "  lora_target: [q_proj, v_proj]\n  lora_dropout: 0.1\n" in r.output, r.output
     r = CliRunner().invoke(cli, ["estimate", "65b", "--gpu-memory", "8"])
     assert r.exit_code != 0 and "nothing fits in 8.00 GiB" in r.output
     r = CliRunner().invoke(cli, ["estimate", "no/such/folder/x"])

@@ -191,4 +191,5 @@ def estimate_cmd(model_or_config, stage, model, gpu_memory, target_batch, headro
         click.echo(f"\nFits in {_gib(gpu)} GiB ({_gib(e.peak)} GiB estimated, {headroom:.0%} kept free) -- "
                    "config keys:")
         for k, v in setup_to_config(s, stage).items():
-            click.echo(f"  {k}: {str(v).lower() if isinstance(v, bool) else v}")
+            v = str(v).lower() if isinstance(v, bool) else f"[{', '.join(v)}]" if isinstance(v, list) else v
+            click.echo(f"  {k}: {v}")

@@ -78,3 +78,17 @@ def test_rm_from_a_moved_sft_with_model_name_or_path(moved, tmp_path, monkeypatc
     assert r.exit_code == 0, r.output
     m = json.loads((tmp_path / "rm" / "manifest.json").read_text())
     assert m["base_model"] == {"path": moved["base"], "fingerprint": moved["recorded"]["fingerprint"]}
+
+
+def test_an_older_manifest_with_a_relative_base_reads_it_from_the_current_directory(moved, tmp_path, monkeypatch):
+    import os
+
+    sft = tmp_path / "sft"
+    shutil.copytree(moved["sft"], sft)
+    m = json.loads((sft / "manifest.json").read_text())
+    m["base_model"]["path"] = os.path.relpath(moved["base"], tmp_path)  # as rlhf wrote it before
+    (sft / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["generate", "sft", "--input", str(moved["there"] / "prompts.jsonl"),
+                                 "--output", "out.jsonl", "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output

@@ -11,7 +11,8 @@ query width q = a*d, kv width k = g*d), MLP width I (gated SiLU MLP for llama-li
 matrices). Parameters
   P = V*h (embedding) + [V*h lm head unless tied] + L * (attention 2*h*q + 2*h*k, MLP 3*h*I or 2*h*I, norms)
 Read from any causal LM's config.json (shape_from_config; tests/test_estimate.py checks the count against the model
-transformers builds from it, for llama with GQA and head_dim, qwen2 tied and untied, mistral, gpt2, gpt_neox, bloom).
+transformers builds from it, for llama with GQA, head_dim and biases, qwen2 tied and untied, mistral, gpt2, gpt_neox,
+bloom).
 (LLaMA-7B: 6.74e9, 65B: 65.2e9, as the LLaMA paper's Table 2). "Block linears" are the matrices inside the
 layers; they are what bitsandbytes quantizes (embeddings, norms and the lm head stay unquantized).
 
@@ -123,6 +124,7 @@ class Shape:
     qkv_bias: bool = False  # biases on q, k, v only (qwen2)
     positions: int = 0  # learned position embeddings (gpt2)
     head_dim: int = 0  # per-head width when the config sets it apart from hidden / heads (0: hidden // heads)
+    bias_on: tuple[str, ...] = ()  # further linears with a bias (llama's attention_bias, mlp_bias)
 
     @property
     def q_dim(self) -> int:
@@ -156,6 +158,7 @@ class Shape:
             per_layer += sum(b for _, _, b in self.linears())
         if self.qkv_bias:
             per_layer += self.q_dim + 2 * self.kv_dim
+        per_layer += sum(b for n, _, b in self.linears() if n in self.bias_on)
         total = self.layers * per_layer + self.vocab * h * (1 if self.tied else 2) + norm + self.positions * h
         if self.arch == "bloom":
             total += 2 * h  # the layer norm after the word embeddings
@@ -222,6 +225,8 @@ def shape_from_config(cfg: dict, name: str = "model") -> Shape:
         qkv_bias=mt == "qwen2",
         positions=int(cfg.get("n_positions", 0)) if arch == "gpt2" else 0,
         head_dim=int(cfg.get("head_dim") or 0) if arch == "llama" else 0,  # e.g. Mistral-Nemo: 128 with hidden 5120
+        bias_on=(("q_proj", "k_proj", "v_proj", "o_proj") if cfg.get("attention_bias") and arch == "llama" else ())
+        + (("gate_proj", "up_proj", "down_proj") if cfg.get("mlp_bias") and arch == "llama" else ()),
     )
 
 

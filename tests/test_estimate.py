@@ -46,7 +46,7 @@ def test_parameter_counts_match_models_and_llama_paper(tiny_model_dir):
 
 
 def test_estimate_from_config_json_matches_the_built_model(tmp_path):
-    """Any architecture through its config.json: GQA, tied embeddings, a head_dim apart from hidden / heads, and the
+    """Any architecture through its config.json: GQA, tied embeddings, a head_dim apart from hidden / heads, biases, the
     gpt2 / gpt_neox / bloom key names (bloom's published configs say n_embed), large vocabularies."""
     import json
 
@@ -58,6 +58,9 @@ def test_estimate_from_config_json_matches_the_built_model(tmp_path):
                                     num_attention_heads=8, num_key_value_heads=2),
         "llama_head_dim": tf.LlamaConfig(vocab_size=500, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+        "llama_biases": tf.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, attention_bias=True,
+                                       mlp_bias=True),
         "qwen2_tied": tf.Qwen2Config(vocab_size=1500, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
         "qwen2_untied": tf.Qwen2Config(vocab_size=1500, hidden_size=64, intermediate_size=160, num_hidden_layers=2,

@@ -10,11 +10,11 @@ Shape: vocabulary V, hidden h, layers L, heads a (kv heads g, head dim d = h/a u
 query width q = a*d, kv width k = g*d), MLP width I (gated SiLU MLP for llama-like models: gate, up, down; else two
 matrices). Parameters
   P = V*h (embedding) + [V*h lm head unless tied] + L * (attention 2*h*q + 2*h*k, MLP 3*h*I or 2*h*I, norms)
+(LLaMA-7B: 6.74e9, 65B: 65.2e9, as the LLaMA paper's Table 2). "Block linears" are the matrices inside the
+layers; they are what bitsandbytes quantizes (embeddings, norms and the lm head stay unquantized).
 Read from any causal LM's config.json (shape_from_config; tests/test_estimate.py checks the count against the model
 transformers builds from it, for llama with GQA, head_dim and biases, qwen2 tied and untied, mistral, gpt2, gpt_neox,
 bloom).
-(LLaMA-7B: 6.74e9, 65B: 65.2e9, as the LLaMA paper's Table 2). "Block linears" are the matrices inside the
-layers; they are what bitsandbytes quantizes (embeddings, norms and the lm head stay unquantized).
 
 Per method, bytes per parameter (P_lin = block linears, P_rest = the others, T = trainable LoRA parameters):
 

@@ -41,7 +41,7 @@ MAPS = [  # (config class, their key, their value, our key, our value)
     (SFTConfig, "max_seq_length", 256, "max_length", 256),
     (SFTConfig, "max_samples", 100, "num_samples", 100),
     (SFTConfig, "dataset_dir", "data", "registry_file", "data/dataset_info.json"),
-    (SFTConfig, "template", "qwen", "template", "chatml"),
+    (SFTConfig, "template", "qwen", "template", "qwen2.5"),
     (SFTConfig, "template", "llama3", "template", "llama3"),
     (SFTConfig, "template", "default", "template", "auto"),
     (SFTConfig, "assistant_only_loss", False, "train_on_prompt", True),

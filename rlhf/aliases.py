@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-LF, TRL, HF = "LLaMA-Factory", "TRL", "transformers"
+LF, TRL, HF, AX = "LLaMA-Factory", "TRL", "transformers", "axolotl"
 
 SKIP = object()  # a value that sets nothing (load_in_4bit: false, flash_attn: auto, do_train: true)
 
@@ -153,6 +153,27 @@ ALIASES: dict[str, Alias] = {
        for k, why in _IGNORED.items()},
     **{k: Alias(None, LF, note=why, refused=True) for k, why in _REFUSED.items()},
 }
+# axolotl's YAML (load_in_4bit/8bit, lora_r/alpha/dropout, lora_target_modules, learning_rate, warmup_steps,
+# gradient_accumulation_steps, output_dir, seed, bf16/fp16 as true/false have the same meaning already)
+AX_TEMPLATES = {"chatml": "chatml", "llama3": "llama3", "llama2": "llama2", "mistral_v1": "mistral",
+                "mistral": "mistral", "gemma": "gemma", "phi_3": "phi3", "qwen_25": "qwen2.5", "alpaca": "alpaca",
+                "tokenizer_default": "auto"}
+ALIASES.update({
+    "base_model": Alias("model_name_or_path", AX),
+    "sequence_len": Alias("max_length", AX),
+    "micro_batch_size": Alias("per_device_train_batch_size", AX),
+    "num_epochs": Alias("num_train_epochs", AX),
+    "val_set_size": Alias("val_size", AX),
+    "optimizer": Alias("optim", AX),
+    "lr_scheduler": Alias("lr_scheduler_type", AX),
+    "adapter": Alias("finetuning_type", AX, {"lora": "lora", "qlora": "lora"},
+                     note="qlora also needs load_in_4bit: true, as in axolotl"),
+    "lora_target_linear": Alias("lora_target", AX, _bool_to(["all-linear"])),
+    "chat_template": Alias("template", AX, lambda v: AX_TEMPLATES.get(v, v)),
+    "datasets": Alias(None, AX, note="give `dataset:` registry names or files (a preference or conversation file's "
+                                      "columns go in a registry_file entry; README: Datasets)", refused=True),
+    "wandb_project": Alias(None, AX, note="use report_to: wandb (the project comes from WANDB_PROJECT)", refused=True),
+})
 ALIASES["do_eval"] = Alias(None, HF, _only(False, "rlhf evaluates during training when there is eval data (val_size "
                                                   "or eval_dataset); for eval only use `rlhf eval FOLDER`"))
 ALIASES["deepspeed"] = Alias(None, HF, note=_REFUSED["deepspeed"], refused=True)

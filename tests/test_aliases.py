@@ -60,6 +60,17 @@ MAPS = [  # (config class, their key, their value, our key, our value)
     (PPOConfig, "init_kl_coef", 0.2, "kl_coef", 0.2),
     (PPOConfig, "adap_kl_ctrl", True, "adaptive_kl", True),
     (PPOConfig, "ppo_score_norm", True, "score_norm", "normalize"),
+    # axolotl
+    (SFTConfig, "base_model", "some/model", "model_name_or_path", "some/model"),
+    (SFTConfig, "sequence_len", 512, "max_length", 512),
+    (SFTConfig, "micro_batch_size", 2, "per_device_train_batch_size", 2),
+    (SFTConfig, "num_epochs", 3, "num_train_epochs", 3),
+    (SFTConfig, "val_set_size", 0.05, "val_size", 0.05),
+    (SFTConfig, "optimizer", "paged_adamw_8bit", "optim", "paged_adamw_8bit"),
+    (SFTConfig, "lr_scheduler", "cosine", "lr_scheduler_type", "cosine"),
+    (SFTConfig, "adapter", "qlora", "finetuning_type", "lora"),
+    (SFTConfig, "lora_target_linear", True, "lora_target", ["all-linear"]),
+    (SFTConfig, "chat_template", "qwen_25", "template", "qwen2.5"),
 ]
 
 

@@ -126,6 +126,8 @@ def test_alias_and_target_agree_or_command_line_wins(tmp_path):
     (SFTConfig, {"adapter_name_or_path": "x"}, r"means rlhf's 'sft_dir', which `rlhf sft` does not take"),
     (PPOConfig, {"ref_model": "x"}, r"KL reference is the SFT adapter"),
     (SFTConfig, {"resume_from_checkpoint": "out/checkpoint-5"}, r"give resume: true"),
+    (SFTConfig, {"datasets": [{"path": "x.jsonl", "type": "alpaca"}]}, r"'datasets' \(axolotl\).*`dataset:`"),
+    (SFTConfig, {"adapter": "ia3"}, r"'adapter' \(axolotl\)"),
 ])
 def test_refused_keys_say_what_to_do(cls, values, msg):
     with pytest.raises(ConfigError, match=msg):

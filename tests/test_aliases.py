@@ -169,7 +169,7 @@ def lf_yaml(path: Path, stage: str, base: str, out: Path, **extra) -> str:
     return str(path)
 
 
-def test_llama_factory_sft_and_rm_yaml_run_through_the_cli(tiny_model_dir, tmp_path):
+def test_llama_factory_sft_rm_ppo_yaml_run_through_the_cli(tiny_model_dir, tmp_path):
     base = tiny_model_dir("llama")
     sft_out, rm_out = tmp_path / "sft", tmp_path / "rm"
     sft_yaml = lf_yaml(tmp_path / "llama3_lora_sft.yaml", "sft", base, sft_out, dataset="demo_sft")
@@ -188,6 +188,12 @@ def test_llama_factory_sft_and_rm_yaml_run_through_the_cli(tiny_model_dir, tmp_p
     assert (c["sft_dir"], c["quantization"]) == (str(sft_out), "4bit")
     r = CliRunner().invoke(cli, ["sft", rm_yaml])  # the RM file under the SFT command: one line, no model loaded
     assert r.exit_code == 2 and "stage: rm (LLaMA-Factory) is not this command's (`rlhf sft`)" in r.output
+    ppo_yaml = lf_yaml(tmp_path / "llama3_lora_ppo.yaml", "ppo", base, tmp_path / "ppo", dataset="demo_prompts",
+                       adapter_name_or_path=str(sft_out), reward_model=str(rm_out), max_new_tokens=8, max_steps=1)
+    r = CliRunner().invoke(cli, ["ppo", ppo_yaml])
+    assert r.exit_code == 0, r.output
+    c = json.loads((tmp_path / "ppo" / "manifest.json").read_text())
+    assert (c["config"]["rm_dir"], c["config"]["quantization"], c["metrics"]["steps"]) == (str(rm_out), "4bit", 1)
 
 
 def test_llama_factory_ppo_yaml_loads(tmp_path):

@@ -71,6 +71,7 @@ MAPS = [  # (config class, their key, their value, our key, our value)
     (SFTConfig, "adapter", "qlora", "finetuning_type", "lora"),
     (SFTConfig, "lora_target_linear", True, "lora_target", ["all-linear"]),
     (SFTConfig, "chat_template", "qwen_25", "template", "qwen2.5"),
+    (SFTConfig, "flash_attention", True, "attn_implementation", "flash_attention_2"),
 ]
 
 
@@ -128,6 +129,7 @@ def test_alias_and_target_agree_or_command_line_wins(tmp_path):
     (SFTConfig, {"resume_from_checkpoint": "out/checkpoint-5"}, r"give resume: true"),
     (SFTConfig, {"datasets": [{"path": "x.jsonl", "type": "alpaca"}]}, r"'datasets' \(axolotl\).*`dataset:`"),
     (SFTConfig, {"adapter": "ia3"}, r"'adapter' \(axolotl\)"),
+    (SFTConfig, {"rl": "dpo"}, r"'rl' \(axolotl\).*`rlhf ppo`"),
 ])
 def test_refused_keys_say_what_to_do(cls, values, msg):
     with pytest.raises(ConfigError, match=msg):

@@ -211,6 +211,15 @@ def _read_jsonl(path: str) -> dict[int, dict]:
     return rows
 
 
+def _write_jsonl(path: str, rows) -> None:
+    """Write ``rows`` as JSON lines to ``path`` through a temporary file: a killed run leaves no half-written output."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
 def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: int = 8,
                   max_new_tokens: int | None = None,
                   max_length: int | None = None, sampling: dict | None = None, quantization: str = "stage",
@@ -240,11 +249,7 @@ def generate_file(st: Stage, input_path: str, output_path: str, *, batch_size: i
                         f"applied; {len(too_long)} such rows); shorten them or raise --max-length")
     replies = generate_all(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
                            sampling=sampling or {"do_sample": False}, progress=progress)
-    tmp = Path(str(output_path) + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for e, r in zip(examples, replies):
-            f.write(json.dumps({**rows[e["meta"]["row"]], "response": r}, ensure_ascii=False) + "\n")
-    os.replace(tmp, output_path)
+    _write_jsonl(output_path, ({**rows[e["meta"]["row"]], "response": r} for e, r in zip(examples, replies)))
     return len(replies)
 
 
@@ -353,15 +358,13 @@ def score_file(rm_dir: str, input_path: str, output_path: str, max_length: int =
     if not Path(input_path).is_file():
         raise DataError(f"{input_path} does not exist")
     examples = load_examples([input_path], kind="prompt")  # names the row of a bad line
-    rows = [json.loads(l) for l in Path(input_path).read_text().splitlines() if l.strip()]
-    for i, r in enumerate(rows, 1):
+    rows = _read_jsonl(input_path)
+    for line, r in rows.items():
         if not isinstance(r.get("response"), str):
-            raise DataError(f"{input_path}, row {i}: missing `response` (a string) to score")
+            raise DataError(f"{input_path}, line {line}: missing `response` (a string) to score")
     model, tokenizer = load_reward_model(rm_dir, trust_remote_code=trust_remote_code, base=base)
-    scores = score_pairs(model, tokenizer, examples, [r["response"] for r in rows], max_length)
-    with open(output_path, "w") as f:
-        for r, s in zip(rows, scores):
-            f.write(json.dumps({**r, "score": s}) + "\n")
+    scores = score_pairs(model, tokenizer, examples, [r["response"] for r in rows.values()], max_length)
+    _write_jsonl(output_path, ({**r, "score": s} for r, s in zip(rows.values(), scores)))
     return len(rows)
 
 

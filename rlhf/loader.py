@@ -544,8 +544,6 @@ def load_model(cfg, *, head: str = "lm", adapters=(), for_training: bool = True,
             raise ConfigError(f"finetuning_type={cfg.finetuning_type} trains the base weights; adapters "
                              f"{[a.name for a in adapters]} need finetuning_type: lora")
     path = _check_base_path(cfg.model_name_or_path)
-    if any(a.folder is None for a in adapters):
-        check_lora_targets(cfg, path)
     dtype = resolve_dtype(cfg.dtype)
     kwargs = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, device_map=_device_map(quantized))
     qcfg = _quantization_config(cfg, dtype)

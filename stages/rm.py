@@ -114,7 +114,7 @@ def run(cfg: RMConfig) -> str:
 
     from rlhf.config import to_dict
     from rlhf.dist import launch_info, process_state
-    from rlhf.loader import load_model, load_tokenizer, trainable_dtypes_kept
+    from rlhf.loader import check_lora_targets, load_model, load_tokenizer, trainable_dtypes_kept
     from rlhf.manifest import finish_output, prepare_output
     from rlhf.templates import apply_template
     from rlhf.train_utils import (load_train_eval, log_callback, loss_summary, plot_curves, read_log, resume_point,
@@ -132,6 +132,8 @@ def run(cfg: RMConfig) -> str:
     train_ds, train_counts = tokenize_pairs(train, tokenizer, cfg.max_length, "train")
     eval_ds = tokenize_pairs(evals, tokenizer, cfg.max_length, "eval")[0] if evals else None
     log.info("rm: %d training and %d eval pairs", len(train_ds), len(eval_ds) if eval_ds else 0)
+    if cfg.finetuning_type == "lora" and any(a.folder is None for a in adapters):  # from_base: a new LoRA
+        check_lora_targets(cfg)
     work = prepare_output(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, requested=requested)
 
     # --- model: score head on the base, SFT adapter continued, head saved with the adapter. The trainer's

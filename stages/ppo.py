@@ -28,17 +28,15 @@ import copy
 import json
 import logging
 import math
-import os
-import random
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhf import rl
+from rlhf import online, rl
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
+from rlhf.online import chunked, encode_prompts, optimizer_for, prompt_order
 from rlhf.roles import OneBase, load_value, save_adapter, save_value
 
 log = logging.getLogger("rlhf")
@@ -144,63 +142,6 @@ def build_roles(cfg: PPOConfig, pad_token_id: int) -> OneBase:
                    shared_value=shared, temperature=cfg.temperature, pad_token_id=pad_token_id)
 
 
-def optimizer_for(cfg: PPOConfig):
-    """``params -> optimizer`` for ``cfg.optim`` as transformers builds it for sft and rm
-    (``Trainer.get_optimizer_cls_and_kwargs``), so every stage takes the same names (adamw_torch_fused, lion_8bit,
-    paged_adamw_8bit, ...); weight_decay applies to every trainable parameter. Checked before the working folder."""
-    import dataclasses
-    import functools
-    import types
-
-    from transformers import Trainer, TrainingArguments
-    from transformers.training_args import OptimizerNames
-
-    from rlhf.errors import did_you_mean
-
-    names = [o.value for o in OptimizerNames]
-    if cfg.optim not in names:
-        raise ConfigError(f"ppo: key 'optim' is {cfg.optim!r}, which transformers does not know"
-                          + did_you_mean(cfg.optim, names, otherwise=f"; use one of {', '.join(names)}"))
-    # TrainingArguments' own defaults (betas, eps, optim_args, ...), not an instance: creating one would set up the
-    # devices again and reset the state of the run's Accelerator
-    fields = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
-    args = types.SimpleNamespace(**{**fields, "optim": OptimizerNames(cfg.optim), "learning_rate": cfg.learning_rate,
-                                    "weight_decay": cfg.weight_decay})
-    try:
-        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
-    except (ValueError, ImportError, AttributeError) as e:  # e.g. its package is not installed; GaLore needs a model
-        raise ConfigError(f"ppo: key 'optim' {cfg.optim!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
-    return functools.partial(cls, weight_decay=cfg.weight_decay, **kwargs)
-
-
-def encode_prompts(tokenizer, examples: list[dict], max_len: int, what: str) -> tuple[list[list[int]], list[dict]]:
-    from rlhf.templates import encode_prompt
-
-    kept = [(ids, e) for e in examples if (ids := encode_prompt(tokenizer, e["messages"], max_len))]
-    if examples and not kept:
-        raise ConfigError(
-            f"ppo: every one of the {len(examples)} prompts of {what} is longer than max_prompt_length={max_len} "
-            "tokens "
-            f"(chat template applied); raise max_prompt_length or use shorter prompts")
-    if len(kept) < len(examples):
-        log.warning("ppo: %d of %d prompts of %s are longer than max_prompt_length=%d and are skipped",
-                    len(examples) - len(kept), len(examples), what, max_len)
-    return [k[0] for k in kept], [k[1] for k in kept]
-
-
-def prompt_order(step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
-    """Prompt indices of a PPO step: epochs of seeded shuffles, deterministic in (seed, step) so --resume needs no
-    sampler state; each process takes its own slice."""
-    start = (step * world + rank) * batch
-    out = []
-    for i in range(start, start + batch):
-        epoch = i // n
-        perm = list(range(n))
-        random.Random(seed * 100003 + epoch).shuffle(perm)
-        out.append(perm[i % n])
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Rollout
 
@@ -216,11 +157,6 @@ def generate(roles: OneBase, prompts: list[list[int]], tokenizer, stop_ids, cfg:
     return sample(roles.model, prompts, pad_token_id=tokenizer.pad_token_id, stop_ids=stop_ids,
                   max_new_tokens=cfg.max_new_tokens, do_sample=do_sample, temperature=cfg.temperature,
                   top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.per_device_eval_batch_size)
-
-
-def chunked(fn, n: int, size: int, *tensors):
-    """fn over row chunks of `tensors`, results concatenated."""
-    return torch.cat([fn(*(t[i : i + size] for t in tensors)) for i in range(0, n, size)])
 
 
 @torch.no_grad()
@@ -329,31 +265,7 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Evaluation on held-out prompts, and the curves
-
-
-@torch.no_grad()
-def evaluate(roles: OneBase, prompts, metas, tokenizer, stop_ids, cfg: PPOConfig, metric: str | None,
-             seed: int) -> dict:
-    """Mean reward and task metric on held-out prompts: sampled (PPO's temperature, fixed seed) and greedy."""
-    from rlhf.evaluate import metric_fn
-    from rlhf.generation import decode
-
-    out = {}
-    for mode, sample in (("", True), ("_greedy", False)):
-        if not prompts:  # a process whose share of the held-out prompts is empty (fewer prompts than processes)
-            out.update({f"eval_{k}{mode}": 0.0 for k in ("reward", "eos_share") + (("task_metric",) if metric else ())})
-            continue
-        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-            torch.manual_seed(seed)
-            ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg, do_sample=sample)
-        scores = score_responses(roles, ids, attn, cfg)
-        out[f"eval_reward{mode}"] = scores.mean().item()
-        out[f"eval_eos_share{mode}"] = ended.float().mean().item()
-        if metric:
-            texts = decode(tokenizer, ids[:, -mask.shape[1] :], mask)
-            out[f"eval_task_metric{mode}"] = float(metric_fn(metric)(metas, texts))
-    return out
+# The curves (held-out evaluation: rlhf.evaluate.policy_eval)
 
 
 # the panels of training_curves.png (those in the log): reward and its cost, then what the update did
@@ -373,77 +285,24 @@ def plot(rows: list[dict], png: Path) -> None:
 
 def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, limit: int | None,
                     accelerator) -> None:
-    """checkpoint-N: policy and value, optimizer, scheduler, KL controller, score statistics, step (main process),
-    and each process's RNG states. Written to a temporary folder, then renamed: complete or absent. Every file
-    loads weights-only (tensors and plain values: the RNG states as lists), so loading runs no pickled code."""
-    import numpy as np
+    """checkpoint-N (rlhf.online.save_checkpoint: complete or absent, weights-only): policy and value, optimizer,
+    scheduler, KL controller, score statistics, step, and each process's RNG states."""
+    def weights(folder: Path):
+        save_adapter(roles.model, "policy", folder / "policy")
+        save_value(roles, folder / "value")
 
-    from rlhf.manifest import checkpoints
-
-    ckpt = work / "checkpoints" / f"checkpoint-{step}"
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    main = accelerator.is_main_process
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_adapter(roles.model, "policy", tmp / "policy")
-        save_value(roles, tmp / "value")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}, indent=2))
-    accelerator.wait_for_everyone()
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    rng = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-           "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / f"rng_state_{accelerator.process_index}.pth")
-    accelerator.wait_for_everyone()
-    if main:
-        shutil.rmtree(ckpt, ignore_errors=True)
-        os.replace(tmp, ckpt)
-        for old in checkpoints(work)[:-limit] if limit else []:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def load_plain(path: Path):
-    """torch.load weights-only: a file that needs unpickling (a planted payload) is refused, never run."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        from rlhf.manifest import StageError
-
-        raise StageError(f"{path} is not a plain tensor file (weights-only loading refused it: "
-                         f"{str(e).splitlines()[0]}); "
-                         f"rlhf writes tensors and plain values only: delete {path.parent} to resume from the "
-                         "checkpoint "
-                         "before it") from None
+    online.save_checkpoint(work, step, weights, optimizer, scheduler,
+                           {"kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}, limit, accelerator)
 
 
 def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, rank: int = 0) -> int:
-    import numpy as np
-
     from rlhf.loader import load_adapter_weights
 
     load_adapter_weights(roles.model, "policy", ckpt / "policy")
     load_value(roles, ckpt / "value")
-    opt_state = load_plain(ckpt / "optimizer.pt")
-    optimizer.load_state_dict(opt_state["optimizer"])
-    scheduler.load_state_dict(opt_state["scheduler"])
-    state = json.loads((ckpt / "trainer_state.json").read_text())
+    state = online.load_checkpoint(ckpt, optimizer, scheduler, rank)
     kl_ctl.load_state_dict(state["kl_ctl"])
     score_norm.load_state_dict(state["score_norm"])
-    rng_file = ckpt / f"rng_state_{rank}.pth"  # a run resumed on fewer/more processes reuses process 0's
-    rng = load_plain(rng_file if rng_file.is_file() else ckpt / "rng_state_0.pth")
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(rng["torch"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
     return state["step"]
 
 
@@ -458,7 +317,7 @@ def run(cfg: PPOConfig) -> str:
 
     from rlhf.config import to_dict
     from rlhf.dist import launch_info
-    from rlhf.evaluate import metric_fn
+    from rlhf.evaluate import metric_fn, policy_eval
     from rlhf.generation import decode
     from rlhf.loader import inherit_quantization, load_tokenizer
     from rlhf.manifest import check_parent, finish_output, prepare_output, work_dir
@@ -553,15 +412,9 @@ def run(cfg: PPOConfig) -> str:
     def run_eval(tag: str) -> dict:
         if not eval_prompts:
             return {}
-        # each process takes every num_processes-th held-out prompt; the means are weighted by share
-        rank, world = accelerator.process_index, accelerator.num_processes
-        res = evaluate(roles, eval_prompts[rank::world], eval_metas[rank::world], tokenizer, stop_ids, cfg, metric,
-                       seed=cfg.seed)
-        if world > 1:
-            n = len(eval_prompts[rank::world])
-            weighted = torch.tensor([n] + [v * n for v in res.values()], dtype=torch.float64, device=accelerator.device)
-            sums = accelerator.reduce(weighted, "sum")
-            res = {k: (sums[i + 1] / sums[0]).item() for i, k in enumerate(res)}
+        res = policy_eval(lambda p, sample: generate(roles, p, tokenizer, stop_ids, cfg, do_sample=sample),
+                          eval_prompts, eval_metas, tokenizer, metric, seed=cfg.seed,
+                          score=lambda ids, attn: score_responses(roles, ids, attn, cfg), accelerator=accelerator)
         write(log_file, {"step": step, **res})
         log.info("ppo eval (%s, step %d): %s", tag, step, {k: round(v, 4) for k, v in res.items()})
         return res

@@ -1,0 +1,165 @@
+"""What the online RL stages (stages/ppo.py, stages/grpo.py) share around their loop: prompt encoding, the order
+prompts are drawn in, the optimizer by transformers' name, row-chunked no-grad passes, and checkpoints that load
+weights-only and resume exactly (RNG states included). No stage config type: a stage passes its own config, and
+its name (``ppo``, ``grpo``) goes into the error messages.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from rlhf.config import ConfigError
+
+log = logging.getLogger("rlhf")
+
+
+def stage_name(cfg) -> str:
+    """``ppo`` for a PPOConfig, ``grpo`` for a GRPOConfig: the command named in error messages."""
+    return type(cfg).__name__.removesuffix("Config").lower()
+
+
+def optimizer_for(cfg):
+    """``params -> optimizer`` for ``cfg.optim`` as transformers builds it for sft and rm
+    (``Trainer.get_optimizer_cls_and_kwargs``), so every stage takes the same names (adamw_torch_fused, lion_8bit,
+    paged_adamw_8bit, ...); weight_decay applies to every trainable parameter. Checked before the working folder."""
+    import dataclasses
+    import functools
+    import types
+
+    from transformers import Trainer, TrainingArguments
+    from transformers.training_args import OptimizerNames
+
+    from rlhf.errors import did_you_mean
+
+    stage, names = stage_name(cfg), [o.value for o in OptimizerNames]
+    if cfg.optim not in names:
+        raise ConfigError(f"{stage}: key 'optim' is {cfg.optim!r}, which transformers does not know"
+                          + did_you_mean(cfg.optim, names, otherwise=f"; use one of {', '.join(names)}"))
+    # TrainingArguments' own defaults (betas, eps, optim_args, ...), not an instance: creating one would set up the
+    # devices again and reset the state of the run's Accelerator
+    fields = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
+    args = types.SimpleNamespace(**{**fields, "optim": OptimizerNames(cfg.optim), "learning_rate": cfg.learning_rate,
+                                    "weight_decay": cfg.weight_decay})
+    try:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ValueError, ImportError, AttributeError) as e:  # e.g. its package is not installed; GaLore needs a model
+        raise ConfigError(f"{stage}: key 'optim' {cfg.optim!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") \
+            from None
+    return functools.partial(cls, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def encode_prompts(tokenizer, examples: list[dict], max_len: int, what: str,
+                   stage: str = "ppo") -> tuple[list[list[int]], list[dict]]:
+    """Prompt ids (chat template, generation prompt) of ``examples`` and the examples kept; longer than ``max_len``
+    tokens: skipped with a warning, all of them: a ConfigError."""
+    from rlhf.templates import encode_prompt
+
+    kept = [(ids, e) for e in examples if (ids := encode_prompt(tokenizer, e["messages"], max_len))]
+    if examples and not kept:
+        raise ConfigError(
+            f"{stage}: every one of the {len(examples)} prompts of {what} is longer than max_prompt_length={max_len} "
+            "tokens "
+            f"(chat template applied); raise max_prompt_length or use shorter prompts")
+    if len(kept) < len(examples):
+        log.warning("%s: %d of %d prompts of %s are longer than max_prompt_length=%d and are skipped", stage,
+                    len(examples) - len(kept), len(examples), what, max_len)
+    return [k[0] for k in kept], [k[1] for k in kept]
+
+
+def prompt_order(step: int, n: int, batch: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Prompt indices of an RL step: epochs of seeded shuffles, deterministic in (seed, step) so --resume needs no
+    sampler state; each process takes its own slice."""
+    start = (step * world + rank) * batch
+    out = []
+    for i in range(start, start + batch):
+        epoch = i // n
+        perm = list(range(n))
+        random.Random(seed * 100003 + epoch).shuffle(perm)
+        out.append(perm[i % n])
+    return out
+
+
+def chunked(fn, n: int, size: int, *tensors):
+    """fn over row chunks of `tensors`, results concatenated."""
+    return torch.cat([fn(*(t[i : i + size] for t in tensors)) for i in range(0, n, size)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(work: Path, step: int, save_weights, optimizer, scheduler, state: dict, limit: int | None,
+                    accelerator) -> None:
+    """checkpoint-N: the weights (``save_weights(folder)``, main process), optimizer and scheduler, ``state`` and the
+    step (trainer_state.json), and each process's RNG states. Written to a temporary folder, then renamed: complete
+    or absent. Every file loads weights-only (tensors and plain values: the RNG states as lists), so loading runs no
+    pickled code."""
+    import numpy as np
+
+    from rlhf.manifest import checkpoints
+
+    ckpt = work / "checkpoints" / f"checkpoint-{step}"
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    main = accelerator.is_main_process
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_weights(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+    accelerator.wait_for_everyone()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    rng = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+           "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(rng, tmp / f"rng_state_{accelerator.process_index}.pth")
+    accelerator.wait_for_everyone()
+    if main:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        os.replace(tmp, ckpt)
+        for old in checkpoints(work)[:-limit] if limit else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def load_plain(path: Path):
+    """torch.load weights-only: a file that needs unpickling (a planted payload) is refused, never run."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        from rlhf.manifest import StageError
+
+        raise StageError(f"{path} is not a plain tensor file (weights-only loading refused it: "
+                         f"{str(e).splitlines()[0]}); "
+                         f"rlhf writes tensors and plain values only: delete {path.parent} to resume from the "
+                         "checkpoint "
+                         "before it") from None
+
+
+def load_checkpoint(ckpt: Path, optimizer, scheduler, rank: int = 0) -> dict:
+    """Optimizer, scheduler and this process's RNG states from ``ckpt``; returns its trainer_state.json (``step``
+    and the stage's ``state``). The caller loads the weights."""
+    import numpy as np
+
+    opt_state = load_plain(ckpt / "optimizer.pt")
+    optimizer.load_state_dict(opt_state["optimizer"])
+    scheduler.load_state_dict(opt_state["scheduler"])
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    rng_file = ckpt / f"rng_state_{rank}.pth"  # a run resumed on fewer/more processes reuses process 0's
+    rng = load_plain(rng_file if rng_file.is_file() else ckpt / "rng_state_0.pth")
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state

@@ -1,5 +1,6 @@
 """The RL maths on tensors, pure torch (no rlhf imports): masked ops, KL estimators, per-token rewards, GAE,
-whitening, the clipped PPO losses, KL control and score normalisation. The PPO recipe is stages/ppo.py.
+whitening, the clipped PPO losses, KL control and score normalisation (the PPO recipe is stages/ppo.py); group
+advantages (GRPO, RLOO) and the GRPO loss (stages/grpo.py).
 
 Sources: InstructGPT (Ouyang et al. 2022), PPO (Schulman et al. 2017), GAE (Schulman et al. 2016), trl's PPO v2,
 and "The N Implementation Details of RLHF with PPO" (Huang et al. 2022/2024; cited below as [N-impl]).
@@ -73,18 +74,88 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
+def clipped_surrogate(logp, old_logp, advantages, cliprange: float):
+    """Per-token clipped surrogate loss max(-A r, -A clip(r, 1 -+ cliprange)) with r = exp(logp - old_logp)
+    (Schulman et al. 2017, eq. 7) and whether the clipped term was taken; ``advantages`` broadcast against logp."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return torch.max(unclipped, clipped), clipped > unclipped
+
+
 def policy_loss(logp, old_logp, advantages, mask, cliprange: float):
     """Clipped surrogate objective (Schulman et al. 2017, eq. 7), token mean over the response (trl's PPO v2).
 
     Returns (loss, stats): clip fraction and approx KL (0.5 * mean log-ratio^2) [N-impl]."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    per_token, was_clipped = clipped_surrogate(logp, old_logp, advantages, cliprange)
+    loss = masked_mean(per_token, mask)
     with torch.no_grad():
-        stats = {"policy_clipfrac": masked_mean((clipped > unclipped).float(), mask).item(),
-                 "approx_kl": (0.5 * masked_mean(log_ratio**2, mask)).item()}
+        stats = {"policy_clipfrac": masked_mean(was_clipped.float(), mask).item(),
+                 "approx_kl": (0.5 * masked_mean((logp - old_logp) ** 2, mask)).item()}
+    return loss, stats
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Critic-free RL (stages/grpo.py): k samples per prompt, the group's rewards as the baseline.
+
+
+def group_advantages(rewards: torch.Tensor, k: int, estimator: str = "grpo", scale: bool = True) -> torch.Tensor:
+    """One advantage per sample; rows are groups of ``k`` consecutive samples of one prompt.
+
+    grpo: (r - mean of the group) / (std of the group + 1e-4), unbiased std (DeepSeekMath, Shao et al. 2024, sec.
+    4.1.2; trl's GRPOTrainer); ``scale`` False keeps r - mean (Dr. GRPO, Liu et al. 2025: the std favours groups
+    that are nearly all right or all wrong). rloo: r minus the mean of the other k - 1 samples of the group
+    (Ahmadian et al. 2024; Kool et al. 2019), i.e. k / (k - 1) * (r - mean)."""
+    if k < 2:
+        raise ValueError(f"group advantages need k >= 2 samples per prompt, got {k}")
+    if len(rewards) % k:
+        raise ValueError(f"{len(rewards)} rewards are not whole groups of {k}")
+    groups = rewards.view(-1, k)
+    mean = groups.mean(1, keepdim=True)
+    if estimator == "rloo":
+        adv = (groups * k - groups.sum(1, keepdim=True)) / (k - 1)  # r_i - (sum - r_i) / (k - 1)
+    elif estimator == "grpo":
+        adv = groups - mean
+        if scale:
+            adv = adv / (groups.std(1, keepdim=True) + 1e-4)
+    else:
+        raise ValueError(f"unknown advantage estimator {estimator!r} (grpo, rloo)")
+    return adv.reshape(-1)
+
+
+def grpo_loss(logp, old_logp, advantages, mask, cliprange: float, *, ref_logp=None, kl_coef: float = 0.0,
+              loss_type: str = "grpo", max_len: int | None = None, batch_rows: int | None = None,
+              batch_tokens: float | None = None):
+    """The GRPO objective on a (micro-)batch: per-token clipped surrogate with the sequence's advantage, plus
+    kl_coef * the k3 estimate of KL(policy || ref) per token (DeepSeekMath eq. 3-4; it is unbiased and never
+    negative), aggregated by ``loss_type``:
+
+    grpo: mean over sequences of each one's token mean (Shao et al. 2024); dapo: sum over tokens / tokens of the
+    batch (Yu et al. 2025: long responses weigh by their length); dr_grpo: sum / (rows x max_len) (Liu et al. 2025).
+
+    With micro-batches, ``batch_rows`` and ``batch_tokens`` are the rows and response tokens of the whole batch
+    whose loss this one is a share of (default: this micro-batch), so the shares add up to the batch's loss.
+    Returns (loss, stats): clip fraction, approx KL to the rollout policy, mean per-token KL to the reference."""
+    per_token, was_clipped = clipped_surrogate(logp, old_logp, advantages[:, None], cliprange)
+    kl = None
+    if ref_logp is not None and kl_coef:
+        kl = kl_penalty(logp, ref_logp, "k3")
+        per_token = per_token + kl_coef * kl
+    rows = batch_rows or len(logp)
+    masked = per_token * mask
+    if loss_type == "grpo":
+        loss = (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / rows
+    elif loss_type == "dapo":
+        loss = masked.sum() / (batch_tokens if batch_tokens is not None else mask.sum().clamp(min=1))
+    elif loss_type == "dr_grpo":
+        loss = masked.sum() / (rows * (max_len or mask.shape[1]))
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r} (grpo, dapo, dr_grpo)")
+    with torch.no_grad():
+        stats = {"policy_clipfrac": masked_mean(was_clipped.float(), mask).item(),
+                 "approx_kl": (0.5 * masked_mean((logp - old_logp) ** 2, mask)).item()}
+        if kl is not None:
+            stats["kl"] = masked_mean(kl, mask).item()
     return loss, stats
 
 

@@ -12,7 +12,7 @@ from rlhf.generation import generate_text, pad
 from rlhf.stage_folder import POLICIES, SCORERS, Stage, load_stage, open_stage, release
 
 # registry `metric:` name -> module with `task_metric(rows, responses) -> float`
-METRICS = {"demo_task": "rlhf.demo_task"}
+METRICS = {"demo_task": "rlhf.demo_task", "arith_task": "rlhf.arith_task"}
 
 
 def metric_fn(name: str | None):
@@ -34,6 +34,47 @@ def task_metric(model, tokenizer, examples: list[dict], metric: str, *, max_prom
     kept = [(e, p) for e in examples if (p := encode_prompt(tokenizer, prompt_messages(e), max_prompt_length))]
     responses = generate_text(model, tokenizer, [p for _, p in kept], max_new_tokens=max_new_tokens, **gen_kw)
     return float(fn([e["meta"] for e, _ in kept], responses))
+
+
+def policy_eval(generate, prompts: list[list[int]], metas: list[dict], tokenizer, metric: str | None, *, seed: int,
+                score=None, accelerator=None) -> dict:
+    """Held-out evaluation of a policy inside an RL stage (ppo, grpo): the replies to ``prompts`` sampled (with a
+    fixed ``seed``, so every evaluation of a run sees the same draws) and greedy, each measured by the mean reward
+    (``score`` given), the share that end with a stop token and the registry's checkable metric of ``metas``.
+
+    ``generate(prompts, do_sample) -> (ids, attn, response_mask, ended)`` (rlhf.generation.generate's result);
+    ``score(ids, attn) -> tensor`` of rewards. With ``accelerator`` (several processes) each process takes every
+    num_processes-th prompt and the means are weighted by share. Keys: ``eval_<name>`` sampled,
+    ``eval_<name>_greedy`` greedy."""
+    import torch
+
+    from rlhf.generation import decode
+
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    prompts, metas = prompts[rank::world], metas[rank::world]
+    fn = metric_fn(metric)
+    names = ("reward",) * (score is not None) + ("eos_share",) + ("task_metric",) * (fn is not None)
+    out = {}
+    for mode, sample in (("", True), ("_greedy", False)):
+        if not prompts:  # a process whose share of the held-out prompts is empty (fewer prompts than processes)
+            out.update({f"eval_{k}{mode}": 0.0 for k in names})
+            continue
+        with torch.no_grad(), torch.random.fork_rng(
+                devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            torch.manual_seed(seed)
+            ids, attn, mask, ended = generate(prompts, sample)
+        if score is not None:
+            with torch.no_grad():
+                out[f"eval_reward{mode}"] = score(ids, attn).float().mean().item()
+        out[f"eval_eos_share{mode}"] = ended.float().mean().item()
+        if fn is not None:
+            out[f"eval_task_metric{mode}"] = float(fn(metas, decode(tokenizer, ids[:, -mask.shape[1] :], mask)))
+    if world > 1:
+        n = len(prompts)
+        weighted = torch.tensor([n] + [v * n for v in out.values()], dtype=torch.float64, device=accelerator.device)
+        sums = accelerator.reduce(weighted, "sum")
+        out = {k: (sums[i + 1] / sums[0]).item() for i, k in enumerate(out)}
+    return out
 
 
 def prompt_messages(example: dict) -> list[dict]:

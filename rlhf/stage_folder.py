@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-POLICIES = ("pt", "sft", "ppo")  # folders that generate text
+POLICIES = ("pt", "sft", "ppo", "dpo", "grpo")  # folders that generate text
+POLICY_ADAPTERS = ("sft", "dpo", "grpo", "ppo")  # folders whose root adapter is a policy an RL stage starts from
 SCORERS = ("rm",)  # folders that score it
 
 

@@ -42,4 +42,8 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("ppo", "rlhf.stages.ppo", "PPOConfig",
               "PPO on one quantized base: policy, reference, reward and value as adapters.",
               parents=(("sft_dir", "sft"), ("rm_dir", "rm"))),
+    StageSpec("grpo", "rlhf.stages.grpo", "GRPOConfig",
+              "GRPO/RLOO on one quantized base: k samples per prompt, rewards from an RM adapter and/or Python "
+              "functions.",
+              parents=(("sft_dir", "sft"), ("rm_dir", "rm"))),
 )}

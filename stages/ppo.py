@@ -36,7 +36,7 @@ import torch
 
 from rlhf import online, rl
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
-from rlhf.online import chunked, encode_prompts, optimizer_for, prompt_order
+from rlhf.online import average_gradients, chunked, encode_prompts, optimizer_for, prompt_order
 from rlhf.roles import OneBase, load_value, save_adapter, save_value
 
 log = logging.getLogger("rlhf")
@@ -210,15 +210,6 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
 
 # ---------------------------------------------------------------------------------------------------------------
 # Update: PPO epochs over minibatches; the loss is policy_loss + vf_coef * value_loss (rlhf/rl.py).
-
-
-def average_gradients(params, accelerator) -> None:
-    """Mean of each gradient over the processes, in one all-reduce of all of them flattened (one call per
-    parameter costs a round trip each: it made PPO on 2 processes slower than on 1)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
-    for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(avg.view_as(g))
 
 
 def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler, accelerator, params,

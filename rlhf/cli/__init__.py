@@ -152,12 +152,14 @@ def datasets_show(name, registry_file):
 
 
 def _register():
+    from rlhf.cli.convert import convert_cmd
     from rlhf.cli.estimate import estimate_cmd
     from rlhf.cli.export import export_cmd
     from rlhf.cli.pipeline import inspect_cmd, pipeline_cmd
     from rlhf.cli.use import chat, eval_cmd, generate_cmd, score
 
-    for cmd in (pipeline_cmd, inspect_cmd, export_cmd, chat, generate_cmd, eval_cmd, score, estimate_cmd):
+    for cmd in (pipeline_cmd, inspect_cmd, export_cmd, chat, generate_cmd, eval_cmd, score, estimate_cmd,
+                convert_cmd):
         cli.add_command(cmd)
 
 

@@ -179,7 +179,7 @@ def file_sha256(path: str | Path, limit: int | None = None) -> str:
 
 def model_fingerprint(path: str) -> str:
     """A short hash of a base model's config and weight index (or weights), or its hub id."""
-    p = Path(path)
+    p = Path(path).expanduser()  # a config's ~/.cache/... folder is a folder, not a hub id
     if not p.is_dir():
         return f"hub:{path}"
     h = hashlib.sha256()

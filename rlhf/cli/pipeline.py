@@ -1,4 +1,4 @@
-"""`rlhf pipeline`: run pt -> sft -> rm -> ppo from one YAML, skipping what is already done.
+"""`rlhf pipeline`: run pt -> sft -> rm -> ppo (and dpo, grpo) from one YAML, skipping what is already done.
 
     output_root: runs/demo            # each stage writes output_root/<stage>
     shared: {seed: 42}                # keys given to every stage whose config has them
@@ -7,6 +7,8 @@
       sft: {config: configs/demo/sft.yaml, learning_rate: 1.0e-3}   # a file plus inline keys
       rm: configs/demo/rm.yaml
       ppo: configs/demo/ppo.yaml
+      dpo: configs/demo/dpo.yaml      # from sft
+      grpo: configs/demo/grpo.yaml    # from sft (and rm, when its config names rm_dir)
 
     launch: {launcher: accelerate, num_processes: 2}              # optional: run stages under several processes
       # launcher: accelerate (with config_file: configs/accelerate/....yaml) or torchrun; args: [extra launcher args]
@@ -15,7 +17,9 @@
 A stage is skipped when its folder is finished and its manifest shows the same requested config, the
 same dataset fingerprints and the same parent manifest; otherwise it runs (resuming an interrupted run
 of the same config), and every stage after it runs too. Stage links are filled in: sft reads pt's
-folder as its base, rm reads sft, ppo reads sft and rm.
+folder as its base, rm reads sft, ppo reads sft and rm, dpo reads sft, grpo reads sft and, when the pipeline
+has an rm stage, rm (the stage table's parents, stages/__init__.py); a link key set to "" in the stage's config
+(grpo's `rm_dir: ""`, a Python reward only) stays empty.
 """
 from __future__ import annotations
 
@@ -144,7 +148,7 @@ def stage_configs(path: str, overrides: dict | None = None,
             values[k], where[k] = v, f"{path} (stages.{stage})"
         values["output_dir"] = str(root / stage)
         for key, parent in STAGES[stage].parents:
-            if parent in stages:
+            if parent in stages and not (key in values and values[key] in ("", None)):  # "" : none (grpo's rm_dir)
                 values[key] = str(root / parent)
         out.append((stage, build(cls, values, where), launch))
     return out
@@ -231,8 +235,8 @@ def lineage(folder: str) -> list[dict]:
     while f:
         m = read_manifest(f)
         chain.append({"folder": str(f), **m})
-        rm_dir = m.get("config", {}).get("rm_dir")  # PPO's second parent: the reward model
-        if m.get("stage") == "ppo" and rm_dir and Path(rm_dir, "manifest.json").is_file():
+        rm_dir = m.get("config", {}).get("rm_dir")  # PPO's and GRPO's second parent: the reward model
+        if m.get("stage") in ("ppo", "grpo") and rm_dir and Path(rm_dir, "manifest.json").is_file():
             chain.append({"folder": str(rm_dir), **read_manifest(rm_dir)})
         f = (m.get("parent") or {}).get("path")
         if f is None and m.get("stage") in ("sft",) and Path(m["base_model"]["path"], "manifest.json").is_file():
@@ -241,7 +245,8 @@ def lineage(folder: str) -> list[dict]:
 
 
 KEY_HPARAMS = ("quantization", "finetuning_type", "lora_r", "lora_alpha", "lora_target", "learning_rate", "max_steps",
-               "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "kl_coef", "seed")
+               "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps", "kl_coef", "beta",
+               "loss_type", "num_generations", "seed")
 
 
 def format_lineage(chain: list[dict]) -> str:

@@ -156,7 +156,8 @@ class TrainConfig:
                                "report_to takes; all: every one installed). tensorboard writes under "
                                "<output_dir>/runs/.")
     eval_steps: int | None = opt(None, "Evaluate every N steps (None: once per epoch when there is eval data).")
-    save_steps: int = opt(100, "Write a checkpoint every N steps.")
+    save_steps: int = opt(500, "Write a checkpoint (weights, optimizer and scheduler state) every N steps; 500 as in "
+                               "transformers and LLaMA-Factory (a shorter run saves none; docs/sft.md).")
     save_total_limit: int | None = opt(2, "Keep only the last N checkpoints.")
     resume: bool = opt(False, "Continue from the last checkpoint in output_dir's working folder.")
     overwrite_output_dir: bool = opt(False, "Replace an existing finished output_dir.")

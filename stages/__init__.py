@@ -42,6 +42,10 @@ STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("ppo", "rlhf.stages.ppo", "PPOConfig",
               "PPO on one quantized base: policy, reference, reward and value as adapters.",
               parents=(("sft_dir", "sft"), ("rm_dir", "rm"))),
+    StageSpec("dpo", "rlhf.stages.dpo", "DPOConfig",
+              "DPO (and IPO, SimPO, ORPO, ...) on preference pairs from the SFT adapter; the reference is that "
+              "adapter, frozen, on the same base.",
+              parents=(("sft_dir", "sft"),)),
     StageSpec("grpo", "rlhf.stages.grpo", "GRPOConfig",
               "GRPO/RLOO on one quantized base: k samples per prompt, rewards from an RM adapter and/or Python "
               "functions.",

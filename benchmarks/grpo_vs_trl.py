@@ -1,0 +1,186 @@
+"""`rlhf grpo` (policy, reference and reward model as adapters of one base) vs trl's GRPOTrainer (policy + its "ref"
+adapter copy on one base, the reward model a separate model, as trl takes it): CPU seconds per step and peak RSS.
+
+    OMP_NUM_THREADS=1 python benchmarks/grpo_vs_trl.py                      # ~20M-param llama, fp32, CPU
+    python benchmarks/grpo_vs_trl.py --hidden 1024 --layers 8 --steps 1 4 --repeats 1
+
+Setup (once, in --root): a random llama (benchmarks/common.py make_base), an SFT folder and an RM folder from it
+(`rlhf sft`, `rlhf rm`, a few steps on the demo data, so both are real stage folders). Then each side runs in its
+own child process, twice: for S1 and for S2 GRPO steps (--steps). The same model, prompts (demo_prompts), k
+responses per prompt, prompt/response lengths, steps, learning rate and KL coefficient on both sides; one optimizer
+step per GRPO step (4 prompts x 8 responses); no evaluation, no checkpoints on trl's side. CPU per step is
+(CPU(S2) - CPU(S1)) / (S2 - S1) of the whole child process (model loading and other one-off costs cancel); with
+one thread it is what a step costs, while wall time swings when other jobs share the cores. Peak RSS is the S2
+child's ru_maxrss; "over imports" subtracts a child that only imports torch, transformers, peft and trl and
+builds nothing. The runs are interleaved --repeats times and the least CPU kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import best_of, machine, make_base, md_table, rss_mib, run_child  # noqa: E402  (sets ENV)
+
+PROMPTS = "demo_prompts"
+
+
+def make_parents(root: Path, hidden: int, layers: int, heads: int) -> dict:
+    """A base, and SFT and RM stage folders on it (reused when there)."""
+    from rlhf.config import load_config
+    from rlhf.stages import rm, sft
+
+    base = make_base(root / "base", hidden=hidden, layers=layers, heads=heads)
+    common = dict(max_steps=3, max_length=64, per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=1,
+                  lora_target="all-linear", lora_dropout=0.0, save_steps=100)
+    out = {"base": base, "sft": str(root / "sft"), "rm": str(root / "rm")}
+    if not (root / "sft" / "manifest.json").is_file():
+        sft.run(load_config(sft.SFTConfig, None, dict(common, model_name_or_path=base, dataset="demo_sft",
+                                                      output_dir=out["sft"], task_eval_samples=0)))
+    if not (root / "rm" / "manifest.json").is_file():
+        rm.run(load_config(rm.RMConfig, None, dict(common, sft_dir=out["sft"], dataset="demo_pref",
+                                                   output_dir=out["rm"])))
+    return out
+
+
+def cpu_s() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def child_ours(a, parents: dict) -> dict:
+    import shutil
+
+    from rlhf.config import load_config
+    from rlhf.stages import grpo
+
+    out = Path(a.root) / f"ours_{a.child_steps}"
+    shutil.rmtree(out, ignore_errors=True)
+    grpo.run(load_config(grpo.GRPOConfig, None, dict(
+        sft_dir=parents["sft"], rm_dir=parents["rm"], reward_funcs=[], dataset=PROMPTS, max_prompt_length=64,
+        batch_size=a.prompts, num_generations=a.k, max_new_tokens=a.new_tokens, max_steps=a.child_steps,
+        kl_coef=a.kl_coef, learning_rate=a.lr, temperature=1.0, loss_type="grpo", num_iterations=1,
+        per_device_train_batch_size=a.prompts * a.k, per_device_eval_batch_size=a.prompts * a.k, eval_samples=0,
+        sample_every=0, save_steps=10**6, seed=a.seed, output_dir=str(out), lora_dropout=0.0)))
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    return {"response_length": sum(r["response_length"] for r in rows) / len(rows)}
+
+
+def child_trl(a, parents: dict) -> dict:
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf.data import load_examples
+    from rlhf.loader import load_tokenizer
+    from rlhf.templates import stop_token_ids
+
+    tok = load_tokenizer(parents["sft"])
+    policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(parents["base"]), parents["sft"],
+                                       is_trainable=True)
+    reward = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        parents["base"], num_labels=1, pad_token_id=tok.pad_token_id), parents["rm"]).eval()
+    rows = load_examples([PROMPTS], kind="prompt")
+    ds = Dataset.from_list([{"prompt": r["messages"]} for r in rows])
+    args = GRPOConfig(output_dir=str(Path(a.root) / "trl_out"), per_device_train_batch_size=a.prompts * a.k,
+                      num_generations=a.k, max_completion_length=a.new_tokens, max_steps=a.child_steps,
+                      learning_rate=a.lr, beta=a.kl_coef, loss_type="grpo", temperature=1.0, num_iterations=1,
+                      logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=a.seed,
+                      disable_dropout=True, gradient_checkpointing=False, lr_scheduler_type="linear",
+                      generation_kwargs={"eos_token_id": stop_token_ids(tok)})  # stop where rlhf grpo stops
+    trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tok,
+                          reward_processing_classes=[tok])
+    trainer.train()
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"response_length": sum(lengths) / max(len(lengths), 1)}
+
+
+def child_imports(a, parents: dict) -> dict:
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+    from trl import GRPOTrainer  # noqa: F401
+
+    return {}
+
+
+def child(a, children: dict) -> None:
+    """In a child process: run ``children[a.child]`` and print its JSON line (CPU, wall, peak RSS)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    parents = json.loads(Path(a.root, "parents.json").read_text())
+    t, c = time.time(), cpu_s()
+    res = children[a.child](a, parents)
+    print(json.dumps({**res, "side": a.child, "steps": a.child_steps, "cpu_s": cpu_s(), "run_cpu_s": cpu_s() - c,
+                      "wall_s": time.time() - t, "peak_rss_mib": rss_mib()}))
+
+
+def add_common_args(p: argparse.ArgumentParser, steps: list[int]) -> None:
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--steps", type=int, nargs=2, default=steps, metavar=("S1", "S2"))
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--root", default=None, help="work folder (default: a new temporary one); its parents are reused")
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--child", choices=["ours", "trl", "imports"], help=argparse.SUPPRESS)
+    p.add_argument("--child-steps", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def compare(script: str, a, flag_keys: tuple[str, ...], extra: tuple[str, ...] = ()) -> None:
+    """The parent process: build the parents, run every side for S1 and S2 steps (and the imports-only child),
+    interleaved --repeats times, print the table, the ratios rlhf/trl and a JSON line."""
+    root = Path(a.root or tempfile.mkdtemp(prefix=Path(script).stem + "_"))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "parents.json").write_text(json.dumps(make_parents(root, a.hidden, a.layers, a.heads)))
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k in flag_keys + ("seed",)]
+
+    def run(side_steps):
+        side, steps = side_steps
+        return run_child([script, "--child", side, "--child-steps", str(steps), "--root", str(root), *flags])
+
+    sides = [(s, n) for s in ("ours", "trl") for n in a.steps] + [("imports", 0)]
+    got = best_of(a.repeats, sides, run, key=lambda r: r["cpu_s"])
+    s1, s2 = a.steps
+    per_step = {s: (got[(s, s2)]["cpu_s"] - got[(s, s1)]["cpu_s"]) / (s2 - s1) for s in ("ours", "trl")}
+    imports = got[("imports", 0)]["peak_rss_mib"]
+    rss = {s: got[(s, s2)]["peak_rss_mib"] for s in ("ours", "trl")}
+    rows = [[s, f"{per_step[s]:.2f}", f"{rss[s]:.0f}", f"{rss[s] - imports:.0f}",
+             *(f"{got[(s, s2)][k]:.1f}" for k in extra)] for s in ("ours", "trl")]
+    print(md_table(["side", "CPU s/step", "peak RSS MiB", "over imports MiB", *extra], rows))
+    ratios = {"time_ratio": per_step["ours"] / per_step["trl"], "rss_ratio": rss["ours"] / rss["trl"],
+              "rss_over_imports_ratio": (rss["ours"] - imports) / (rss["trl"] - imports)}
+    print(f"ratios rlhf/trl: CPU per step {ratios['time_ratio']:.2f}x, peak RSS {ratios['rss_ratio']:.2f}x "
+          f"({ratios['rss_over_imports_ratio']:.2f}x over the {imports:.0f} MiB of imports)")
+    result = {"machine": machine(), "args": vars(a), "per_step_cpu_s": per_step, "peak_rss_mib": rss,
+              "imports_rss_mib": imports, **ratios, "runs": {f"{s}_{n}": r for (s, n), r in got.items()}}
+    print(json.dumps(result, default=str))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1, default=str))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_common_args(p, steps=[1, 4])
+    p.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    p.add_argument("--k", type=int, default=8, help="responses per prompt")
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--kl-coef", type=float, default=0.04)
+    p.add_argument("--lr", type=float, default=1e-5)
+    a = p.parse_args()
+    if a.child:
+        return child(a, {"ours": child_ours, "trl": child_trl, "imports": child_imports})
+    compare(__file__, a, ("prompts", "k", "new_tokens", "kl_coef", "lr"), extra=("response_length",))
+
+
+if __name__ == "__main__":
+    main()

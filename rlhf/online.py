@@ -172,3 +172,70 @@ def load_checkpoint(ckpt: Path, optimizer, scheduler, rank: int = 0) -> dict:
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run: processes, the log
+
+
+def accelerator_for(cfg):
+    """accelerate's Accelerator of an RL stage: mixed precision from bf16/fp16, CPU processes when there is no GPU
+    (torchrun/accelerate launch on CPUs: gloo), report_to's trackers writing under <output_dir>/runs; data parallel
+    only (DeepSpeed/FSDP refused); the seed per process; only the main process logs below warnings."""
+    from accelerate import Accelerator
+    from transformers import set_seed
+
+    from rlhf.manifest import work_dir
+    from rlhf.train_utils import TRACKER_DIR, trackers
+
+    stage = stage_name(cfg)
+    try:
+        accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
+                                  cpu=not torch.cuda.is_available(), log_with=trackers(cfg) or None,
+                                  project_dir=str(work_dir(cfg.output_dir) / TRACKER_DIR))
+    except ValueError as e:
+        if not trackers(cfg):
+            raise
+        raise ConfigError(f"report_to {cfg.report_to}: {e} (rlhf {stage} logs through accelerate's trackers)") from None
+    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
+        raise ConfigError(f"rlhf {stage} runs data-parallel (one base per process, gradients averaged); launch it "
+                          "without DeepSpeed/FSDP (e.g. configs/accelerate/multi_gpu.yaml)")
+    set_seed(cfg.seed + accelerator.process_index)
+    if not accelerator.is_main_process:
+        log.setLevel(logging.WARNING)  # one process reports
+    return accelerator
+
+
+class RunLog:
+    """The rows of a run: ``train_log.jsonl`` (also sent to report_to's trackers, same names) and
+    ``samples.jsonl``, written by the main process. Trackers start here (``accelerator.init_trackers``)."""
+
+    def __init__(self, work: Path, cfg, accelerator):
+        from rlhf.config import to_dict
+        from rlhf.train_utils import LOG_FILE, check_trackers, tracker_config
+
+        self.log_file, self.samples_file = work / LOG_FILE, work / "samples.jsonl"
+        self.accelerator, self.main = accelerator, accelerator.is_main_process
+        accelerator.init_trackers(stage_name(cfg), config=tracker_config(to_dict(cfg)))
+        if self.main:
+            check_trackers(cfg, accelerator.trackers)
+
+    def write(self, row: dict, samples: bool = False) -> None:
+        if self.main:
+            with open(self.samples_file if samples else self.log_file, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        if not samples:
+            self.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def start_eval(self) -> dict:
+        """The evaluation a resumed run logged at step 0, as ``<key>_before`` metrics."""
+        from rlhf.train_utils import read_log
+
+        first = next((r for r in read_log(self.log_file.parent) if r["step"] == 0), {})
+        return {f"{k}_before": v for k, v in first.items() if k.startswith("eval_")}
+
+    def finish(self) -> None:
+        """Close the trackers' files; not accelerator.end_training(), which also destroys the process group (the
+        wait_for_everyone after it, and a pipeline's next stage, need it)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()

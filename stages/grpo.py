@@ -267,19 +267,17 @@ def plot(rows: list[dict], png: Path, names: list[str]) -> None:
 
 
 def run(cfg: GRPOConfig) -> str:
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import get_scheduler, set_seed
+    from transformers import get_scheduler
 
     from rlhf.config import to_dict
     from rlhf.dist import launch_info
     from rlhf.evaluate import metric_fn, policy_eval
     from rlhf.loader import inherit_quantization, load_adapter_weights, load_tokenizer
-    from rlhf.manifest import check_parent, finish_output, prepare_output, work_dir
+    from rlhf.manifest import check_parent, finish_output, prepare_output
     from rlhf.stage_folder import POLICY_ADAPTERS
     from rlhf.templates import apply_template, stop_token_ids
-    from rlhf.train_utils import (LOG_FILE, TRACKER_DIR, all_finite, check_trackers, dataset_metric, diverged,
-                                  load_train_eval, read_log, resume_point, tracker_config, trackers)
+    from rlhf.train_utils import LOG_FILE, all_finite, dataset_metric, diverged, load_train_eval, read_log, resume_point
 
     started, requested = time.time(), to_dict(cfg)
     # --- parents: a policy folder (and an RM) on the same base
@@ -298,20 +296,7 @@ def run(cfg: GRPOConfig) -> str:
                               f"with finetuning_type={m['config'].get('finetuning_type')} (grpo config: "
                               f"{cfg.finetuning_type}); train it with finetuning_type: lora")
     sources = reward_sources(cfg)
-    try:  # report_to: accelerate's trackers, writing (tensorboard) under <output_dir>/runs/grpo
-        accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
-                                  cpu=not torch.cuda.is_available(), log_with=trackers(cfg) or None,
-                                  project_dir=str(work_dir(cfg.output_dir) / TRACKER_DIR))
-    except ValueError as e:
-        if not trackers(cfg):
-            raise
-        raise ConfigError(f"report_to {cfg.report_to}: {e} (rlhf grpo logs through accelerate's trackers)") from None
-    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
-        raise ConfigError("rlhf grpo runs data-parallel (one base per process, gradients averaged); launch it without "
-                          "DeepSpeed/FSDP (e.g. configs/accelerate/multi_gpu.yaml)")
-    set_seed(cfg.seed + accelerator.process_index)
-    if not accelerator.is_main_process:
-        log.setLevel(logging.WARNING)
+    accelerator = online.accelerator_for(cfg)
 
     # --- data (checked before the working folder is made)
     tokenizer = load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
@@ -346,22 +331,12 @@ def run(cfg: GRPOConfig) -> str:
     updates = total_steps * cfg.num_iterations * (cfg.rollout_size // mini)
     warmup = cfg.warmup_steps or int(cfg.warmup_ratio * updates)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
-    log_file, samples_file = work / LOG_FILE, work / "samples.jsonl"
     step, metrics = 0, {}
-    if ckpt := resume_point(work, cfg.resume, logs=(log_file.name, samples_file.name)):
+    if ckpt := resume_point(work, cfg.resume, logs=(LOG_FILE, "samples.jsonl")):
         load_adapter_weights(roles.model, "policy", Path(ckpt) / "policy")
         step = online.load_checkpoint(Path(ckpt), optimizer, scheduler, accelerator.process_index)["step"]
     main = accelerator.is_main_process
-    accelerator.init_trackers("grpo", config=tracker_config(to_dict(cfg)))
-    if main:
-        check_trackers(cfg, accelerator.trackers)
-
-    def write(path: Path, row: dict):
-        if main:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if path == log_file:
-            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+    run_log = online.RunLog(work, cfg, accelerator)
 
     def run_eval(tag: str) -> dict:
         if not eval_prompts:
@@ -370,7 +345,7 @@ def run(cfg: GRPOConfig) -> str:
                           eval_prompts, [e["meta"] for e in eval_rows], tokenizer, metric, seed=cfg.seed,
                           score=(lambda ids, attn: score_responses(roles, ids, attn, cfg)) if cfg.rm_dir else None,
                           accelerator=accelerator)
-        write(log_file, {"step": step, **res})
+        run_log.write({"step": step, **res})
         log.info("grpo eval (%s, step %d): %s", tag, step, {k: round(v, 4) for k, v in res.items()})
         return res
 
@@ -378,11 +353,7 @@ def run(cfg: GRPOConfig) -> str:
         online.save_checkpoint(work, at, lambda folder: save_adapter(roles.model, "policy", folder / "policy"),
                                optimizer, scheduler, {}, cfg.save_total_limit, accelerator)
 
-    if step == 0:
-        metrics.update({f"{k}_before": v for k, v in run_eval("start").items()})
-    else:  # resumed: the start-of-run evaluation is in the log
-        start_eval = next((r for r in read_log(work) if r["step"] == 0), {})
-        metrics.update({f"{k}_before": v for k, v in start_eval.items() if k.startswith("eval_")})
+    metrics.update({f"{k}_before": v for k, v in run_eval("start").items()} if step == 0 else run_log.start_eval())
 
     # --- loop
     bar = tqdm(total=total_steps, initial=step, desc="grpo", disable=not main)
@@ -412,15 +383,15 @@ def run(cfg: GRPOConfig) -> str:
         t2 = time.time()
         stats.update(step=step, lr=scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_update=t2 - t1,
                      tokens_per_s=batch["mask"].sum().item() / (t2 - t0))
-        write(log_file, stats)
+        run_log.write(stats)
         bar.update(1)
         bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", eos=f"{stats['eos_share']:.2f}")
         if step % cfg.logging_steps == 0 and main:
             log.info("grpo step %d: %s", step, {k: round(v, 4) for k, v in stats.items() if k != "step"})
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             for i in range(0, min(4 * cfg.num_generations, len(texts)), cfg.num_generations):
-                write(samples_file, {"step": step, "prompt": tokenizer.decode(prompts[idx[i // cfg.num_generations]]),
-                                     "response": texts[i], "reward": rewards[i].item()})
+                run_log.write({"step": step, "prompt": tokenizer.decode(prompts[idx[i // cfg.num_generations]]),
+                               "response": texts[i], "reward": rewards[i].item()}, samples=True)
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             run_eval(f"step {step}")
         if step % cfg.save_steps == 0:
@@ -434,8 +405,7 @@ def run(cfg: GRPOConfig) -> str:
     metrics.update({f"{k}_after": v for k, v in run_eval("end").items()})
     if last_saved != step:
         save(step)
-    for tracker in accelerator.trackers:  # not end_training(): it destroys the process group (see stages/ppo.py)
-        tracker.finish()
+    run_log.finish()
     if main:
         save_adapter(roles.model, "policy", work)  # the policy at the folder root: PeftModel.from_pretrained
         tokenizer.save_pretrained(str(work))

@@ -106,3 +106,21 @@ def test_dpo_bad_inputs(parents, tmp_path):
     with pytest.raises(DataError, match="prompt"):  # prompts only: no pairs
         run_dpo(dpo_values(parents, tmp_path / "bad", dataset="demo_prompts", eval_dataset=""))
     assert not work_dir(tmp_path / "bad").exists()
+
+
+def test_pipeline_runs_dpo_then_grpo_and_skips_them_when_done(parents, tmp_path):
+    """dpo and grpo are pipeline stages: grpo with a Python reward only (`rm_dir: ""` stays empty beside an rm)."""
+    import yaml
+
+    from rlhf.cli.pipeline import lineage, run_pipeline
+
+    common = dict(sft_dir=parents["sft"], max_steps=2, eval_samples=0, seed=3)
+    spec = {"output_root": str(tmp_path / "runs"), "stages": {
+        "dpo": dict(common, dataset=["demo_pref"], num_samples=16, per_device_train_batch_size=4, max_length=64),
+        "grpo": dict(common, rm_dir="", reward_funcs=["rlhf.rewards:demo_task"], dataset=["demo_prompts"],
+                     num_samples=8, batch_size=2, num_generations=2, max_new_tokens=4)}}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert run_pipeline(str(path)) == [("dpo", "ran"), ("grpo", "ran")]
+    assert run_pipeline(str(path)) == [("dpo", "skipped"), ("grpo", "skipped")]
+    assert [m["stage"] for m in lineage(str(tmp_path / "runs" / "grpo"))] == ["grpo", "sft"]

@@ -24,12 +24,12 @@ DATA = ROOT / "datasets_registry" / "data" / "demo_sft.jsonl"
 
 
 def child(args) -> None:
-    import trl
+    import transformers
 
     from rlhf.cli import cli
 
     rec: dict = {}
-    spy_on_train(trl.SFTTrainer, False, rec)
+    spy_on_train(transformers.Trainer, False, rec)
     cli.main(args=["sft", "--model-name-or-path", args.base, "--dataset", str(DATA), "--output-dir",
                    str(Path(args.workdir) / args.child),
                    "--overwrite-output-dir", "true", "--max-steps", str(args.steps), "--per-device-train-batch-size",

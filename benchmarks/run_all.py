@@ -24,7 +24,7 @@ from common import ENV, ROOT, load_average, machine  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 QUICK = {
-    "sft_vs_trl.py": ["--hidden", "64", "--layers", "2", "--steps", "10", "--repeats", "1"],
+    "sft_vs_llamafactory.py": ["--hidden", "64", "--layers", "2", "--steps", "30", "--modes", "lora"],
     "packing.py": ["--hidden", "64", "--layers", "2", "--steps", "5", "--repeats", "1"],
     "quant_memory.py": ["--hidden", "256", "--layers", "2", "--steps", "1"],
     "qlora_table.py": ["--pt-steps", "30", "--steps", "10", "--eval-samples", "8"],
@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
 
     info = machine()
-    scripts = ["sft_vs_trl.py", "packing.py", "quant_memory.py", "qlora_table.py", "ppo_one_base.py",
+    scripts = ["sft_vs_llamafactory.py", "packing.py", "quant_memory.py", "qlora_table.py", "ppo_one_base.py",
                "data_parallel.py"]
     if args.only:
         scripts = [s for s in scripts if s in args.only]
@@ -84,6 +84,8 @@ def main() -> None:
             if json_arg:
                 res = json.loads(Path(f.name).read_text())
                 body = f"{res['title']}\n\n{res['table']}"
+                if "ratios" in res:  # sft_vs_llamafactory.py
+                    body += "\n\n" + res["ratios"] + "".join(f"\n- {line}" for line in res["flat"])
                 if "overhead" in res:
                     body += (f"\n\nrlhf's overhead in training throughput (CPU time of train()): "
                              f"{res['overhead']:+.1%} (goal: under 5%)")

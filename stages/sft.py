@@ -1,8 +1,13 @@
-"""`rlhf sft`: supervised fine-tuning with trl's SFTTrainer.
+"""`rlhf sft`: supervised fine-tuning.
 
 Recipe: config -> tokenizer + chat template -> data (registry) tokenized with assistant-only labels
 -> model through the one loader (LoRA/QLoRA, full or freeze) -> train -> save the stage folder
 (adapter, tokenizer, manifest, log, plot).
+
+The data arrives tokenized and masked (labels -100 off the trained tokens), so training is a transformers Trainer
+with the model's own loss over those labels (per trained token across the accumulated batch); token accuracy is
+measured only on the steps that log it, and the held-out loss is rlhf.evaluate.lm_loss, the per-token loss that
+`rlhf eval` reports. trl's SFTTrainer computed entropy and accuracy over every position of every step (docs/sft.md).
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ log = logging.getLogger("rlhf")
 @dataclass
 class SFTConfig(ModelConfig, DataConfig, TrainConfig):
     train_on_prompt: bool = opt(False, "Also train on prompt (user/system) tokens; default: assistant tokens only.")
-    packing: bool = opt(False, "Pack several examples into each max_length sequence (trl's best-fit packing).")
+    packing: bool = opt(False, "Pack several examples into each max_length sequence (trl's best-fit packing; "
+                               "padding-free batches, each example attends only to itself).")
     task_eval_samples: int = opt(64, "Held-out prompts scored with the dataset's checkable metric before and after "
                                      "training (0: off).")
     max_new_tokens: int = opt(32, "Tokens generated per held-out prompt for the task metric.")
@@ -48,11 +54,80 @@ def tokenize(examples: list[dict], tokenizer, cfg: SFTConfig):
     return Dataset.from_list(kept)
 
 
+PAD_TO_MULTIPLE = 8  # as LLaMA-Factory: fewer distinct batch shapes for the allocator (docs/sft.md), GPU tile sizes
+
+
+def collator(tokenizer, packing: bool):
+    """Right padding (input ids with the pad token, labels with -100) to a multiple of PAD_TO_MULTIPLE; packed rows
+    become one padding-free sequence with position ids restarting at each example (trl's collator)."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=packing,
+                                           pad_to_multiple_of=PAD_TO_MULTIPLE)
+
+
+def trainer_class(lm_loss_rows: list[dict], tokenizer, cfg: SFTConfig):
+    """A transformers Trainer whose training loss is the model's own (labels -100 masked), with the token accuracy
+    and tokens seen logged on logging steps only, and whose evaluation is the per-token held-out loss of
+    ``lm_loss_rows`` (rlhf.evaluate.lm_loss: one definition for the manifest, the log and `rlhf eval`)."""
+    import torch
+    from transformers import Trainer
+
+    from rlhf import evaluate
+
+    class SFTTrainer(Trainer):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.counts = torch.zeros(3, dtype=torch.long)  # tokens seen, right and scored next-token guesses
+
+        def logging_step(self) -> bool:
+            step = self.state.global_step + 1
+            return (step == 1 and self.args.logging_first_step) or step % max(self.state.logging_steps, 1) == 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            loss, out = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            if model.training:  # summed on the device, read (one sync) when logged
+                counts = self.counts = self.counts.to(loss.device)
+                mask = inputs.get("attention_mask")
+                counts[0] += mask.sum() if mask is not None else inputs["input_ids"].numel()
+                if self.logging_step():
+                    with torch.no_grad():
+                        labels = inputs["labels"][:, 1:]
+                        keep = labels != -100
+                        counts[1] += ((out.logits[:, :-1].argmax(-1) == labels) & keep).sum()
+                        counts[2] += keep.sum()
+            return (loss, out) if return_outputs else loss
+
+        def log(self, logs, *a, **kw):
+            if "loss" in logs:  # a training row: every process is here (Trainer logs on all of them)
+                tokens, right, scored = self.accelerator.reduce(self.counts.clone(), reduction="sum").tolist()
+                logs["num_tokens"] = tokens
+                if scored:
+                    logs["mean_token_accuracy"] = right / scored
+                self.counts[1:] = 0
+            super().log(logs, *a, **kw)
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            model, was_training = self.model, self.model.training
+            model.eval()
+            try:
+                loss, count = evaluate.lm_loss(model, tokenizer, lm_loss_rows, cfg.max_length,
+                                               cfg.per_device_eval_batch_size)
+            finally:
+                model.train(was_training)
+            metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_tokens": count}
+            self.log(metrics)
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+            return metrics
+
+    return SFTTrainer
+
+
 def run(cfg: SFTConfig) -> str:
-    from transformers import set_seed
+    from transformers import TrainingArguments, set_seed
     from transformers.integrations import is_deepspeed_zero3_enabled
-    from trl import SFTConfig as TrlSFTConfig
-    from trl import SFTTrainer
+    from trl import pack_dataset
 
     from rlhf import evaluate
     from rlhf.config import to_dict
@@ -81,8 +156,7 @@ def run(cfg: SFTConfig) -> str:
 
     # --- model (the trainer's arguments first: under a DeepSpeed ZeRO-3 launch they make the loader shard the
     # weights over the processes while they load)
-    args = TrlSFTConfig(**trainer_kwargs(cfg, work, has_eval=eval_ds is not None), max_length=cfg.max_length,
-                        packing=cfg.packing, dataset_num_proc=None)
+    args = TrainingArguments(**trainer_kwargs(cfg, work, has_eval=eval_ds is not None), remove_unused_columns=False)
     adapters = [AdapterSpec("default", trainable=True)] if cfg.finetuning_type == "lora" else []
     model = load_model(cfg, head="lm", adapters=adapters, for_training=True)
     zero3 = is_deepspeed_zero3_enabled()
@@ -112,9 +186,13 @@ def run(cfg: SFTConfig) -> str:
         metrics = json.loads((work / "task_metric_before.json").read_text())
 
     # --- train
+    if cfg.packing:
+        train_ds = pack_dataset(train_ds, cfg.max_length, strategy="bfd")
     with trainable_dtypes_kept(model):
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                             processing_class=tokenizer, callbacks=[log_callback(work)])
+        trainer = trainer_class(evals, tokenizer, cfg)(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+            data_collator=collator(tokenizer, cfg.packing), processing_class=tokenizer,
+            callbacks=[log_callback(work)])
     train_from(trainer, resume_from)
     step = trainer.state.global_step
     if eval_ds is not None and not any(r.get("step") == step and "eval_loss" in r for r in read_log(work)):

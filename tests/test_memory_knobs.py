@@ -26,13 +26,13 @@ def sft_data(tmp_path_factory):
 
 def run_sft(monkeypatch, tmp_path, base, data, **keys):
     """sft.run with ``keys``; returns (model the loader built, trainer that trained it)."""
-    import trl
+    import transformers
 
     import rlhf.loader
     from rlhf.stages import sft
 
     seen = {}
-    real_load, real_train = rlhf.loader.load_model, trl.SFTTrainer.train
+    real_load, real_train = rlhf.loader.load_model, transformers.Trainer.train
 
     def load_spy(*a, **kw):
         seen["model"] = real_load(*a, **kw)
@@ -43,7 +43,7 @@ def run_sft(monkeypatch, tmp_path, base, data, **keys):
         return real_train(self, *a, **kw)
 
     monkeypatch.setattr(rlhf.loader, "load_model", load_spy)
-    monkeypatch.setattr(trl.SFTTrainer, "train", train_spy)
+    monkeypatch.setattr(transformers.Trainer, "train", train_spy)
     values = dict(model_name_or_path=base, dataset=[data], output_dir=str(tmp_path / "out"), max_steps=2,
                   logging_steps=1,
                   per_device_train_batch_size=4, save_steps=100, task_eval_samples=0, max_length=48, learning_rate=1e-3)

@@ -63,6 +63,29 @@ def test_reloads_with_plain_peft_to_same_logits(sft_run):
     assert not torch.allclose(a, bare, atol=1e-3)  # the adapter did something
 
 
+def test_held_out_loss_is_per_token_and_metrics_are_logged(sft_run):
+    """The manifest's eval_loss is rlhf.evaluate.lm_loss (per assistant token, as `rlhf eval` reports it) of the
+    finished adapter on the held-out rows; logging rows carry token accuracy and the tokens seen."""
+    from rlhf.config import ModelConfig
+    from rlhf.evaluate import lm_loss
+    from rlhf.loader import AdapterSpec, load_model, load_tokenizer
+    from rlhf.train_utils import load_train_eval, read_log
+
+    base, out, data = sft_run
+    m = json.loads((out / "manifest.json").read_text())
+    _, held, _ = load_train_eval(sft_cfg(base, out, data, val_size=0.2), kind="sft")
+    model = load_model(ModelConfig(model_name_or_path=base), adapters=[AdapterSpec("default", folder=str(out))],
+                       for_training=False)
+    loss, tokens = lm_loss(model, load_tokenizer(str(out)), held, max_length=64)
+    assert m["metrics"]["eval_loss"] == pytest.approx(loss, abs=1e-4)
+    rows = [r for r in read_log(out) if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 5, 10, 15, 20, 25, 30]
+    assert all(0 <= r["mean_token_accuracy"] <= 1 for r in rows)
+    seen = [r["num_tokens"] for r in rows]
+    assert seen == sorted(seen) and seen[0] > 0
+    assert [r["eval_tokens"] for r in read_log(out) if "eval_loss" in r][-1] == tokens
+
+
 def test_bad_inputs(tiny_model_dir, tmp_path):
     from rlhf.data import DataError
     from rlhf.loader import ModelPathError

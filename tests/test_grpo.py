@@ -231,3 +231,18 @@ def test_grpo_sigkill_then_resume_matches_uninterrupted(parents, tmp_path):
     assert a["metrics"]["steps"] == b["metrics"]["steps"] == 6
     for key in ("loss", "reward_mean", "kl"):
         assert last_loss(out, key) == pytest.approx(last_loss(tmp_path / "straight", key), rel=1e-3, abs=1e-6), key
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_grpo_on_a_quantized_base_trains_the_lora(parents, tmp_path, quantization):
+    """One quantized base (bitsandbytes) carries policy, ref and reward; after the rollout's generate and no-grad
+    passes the policy LoRA still gets a gradient (docs/known_traps.md: the 4-bit CPU trap)."""
+    import json
+
+    from rlhf.manifest import read_manifest
+
+    out = run_grpo(grpo_values(parents, tmp_path / quantization, quantization=quantization, max_steps=2,
+                               eval_samples=0, num_iterations=1, mini_batch_size=0, per_device_train_batch_size=8))
+    assert read_manifest(out)["config"]["quantization"] == quantization
+    rows = [json.loads(line) for line in open(f"{out}/train_log.jsonl")]
+    assert all(r["grad_norm"] > 1e-4 and math.isfinite(r["loss"]) for r in rows)

@@ -11,36 +11,51 @@ from rlhf.data import DataError
 from rlhf.generation import generate_text, pad
 from rlhf.stage_folder import POLICIES, SCORERS, Stage, load_stage, open_stage, release
 
-# registry `metric:` name -> module with `task_metric(rows, responses) -> float`
+# registry `metric:` name -> module with `task_metric(rows, responses) -> float` (correctness, the share of right
+# responses) and, optionally, `metrics(rows, responses) -> {name: float}`: more numbers, task_metric among them (the
+# demo's pref_metric: right and in the preferred layout)
 METRICS = {"demo_task": "rlhf.demo_task", "arith_task": "rlhf.arith_task"}
 
 
-def metric_fn(name: str | None):
+def metrics_fn(name: str | None):
+    """``(rows, responses) -> {name: value}``: every number of the registry metric ``name`` (``task_metric``
+    among them), or None without a metric."""
     if not name:
         return None
     if name not in METRICS:
         raise DataError(f"unknown metric '{name}' in the registry; known: {', '.join(METRICS)}")
-    return importlib.import_module(METRICS[name]).task_metric
+    module = importlib.import_module(METRICS[name])
+    if hasattr(module, "metrics"):
+        return lambda rows, responses: {k: float(v) for k, v in module.metrics(rows, responses).items()}
+    return lambda rows, responses: {"task_metric": float(module.task_metric(rows, responses))}
 
 
-def task_metric(model, tokenizer, examples: list[dict], metric: str, *, max_prompt_length: int,
-                max_new_tokens: int, **gen_kw) -> float | None:
-    """Mean checkable score of the model's greedy (default) answers to ``examples``' prompts."""
+def metric_fn(name: str | None):
+    """``(rows, responses) -> float``: the registry metric's task_metric alone, or None without a metric."""
+    fn = metrics_fn(name)
+    return None if fn is None else lambda rows, responses: fn(rows, responses)["task_metric"]
+
+
+def task_metrics(model, tokenizer, examples: list[dict], metric: str, *, max_prompt_length: int,
+                 max_new_tokens: int, **gen_kw) -> dict[str, float]:
+    """The registry metric's numbers (task_metric, ...) on the model's greedy (default) answers to ``examples``'
+    prompts; {} without a metric or examples."""
     from rlhf.templates import encode_prompt
 
-    fn = metric_fn(metric)
+    fn = metrics_fn(metric)
     if fn is None or not examples:
-        return None
+        return {}
     kept = [(e, p) for e in examples if (p := encode_prompt(tokenizer, prompt_messages(e), max_prompt_length))]
     responses = generate_text(model, tokenizer, [p for _, p in kept], max_new_tokens=max_new_tokens, **gen_kw)
-    return float(fn([e["meta"] for e, _ in kept], responses))
+    return fn([e["meta"] for e, _ in kept], responses)
 
 
 def policy_eval(generate, prompts: list[list[int]], metas: list[dict], tokenizer, metric: str | None, *, seed: int,
                 score=None, accelerator=None) -> dict:
     """Held-out evaluation of a policy inside an RL stage (ppo, grpo): the replies to ``prompts`` sampled (with a
     fixed ``seed``, so every evaluation of a run sees the same draws) and greedy, each measured by the mean reward
-    (``score`` given), the share that end with a stop token and the registry's checkable metric of ``metas``.
+    (``score`` given), the share that end with a stop token and the numbers of the registry's checkable metric
+    (rlhf.evaluate.metrics_fn: task_metric, and e.g. the demo's pref_metric) against ``metas``.
 
     ``generate(prompts, do_sample) -> (ids, attn, response_mask, ended)`` (rlhf.generation.generate's result);
     ``score(ids, attn) -> tensor`` of rewards. With ``accelerator`` (several processes) each process takes every
@@ -50,15 +65,17 @@ def policy_eval(generate, prompts: list[list[int]], metas: list[dict], tokenizer
 
     from rlhf.generation import decode
 
+    if not prompts:
+        return {}
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    prompts_all, metas_all = prompts, metas
     prompts, metas = prompts[rank::world], metas[rank::world]
-    fn = metric_fn(metric)
-    names = ("reward",) * (score is not None) + ("eos_share",) + ("task_metric",) * (fn is not None)
+    fn = metrics_fn(metric)
+    n = len(prompts)
+    if not n:  # this process's share is empty (fewer prompts than processes): it measures one, weighted 0
+        prompts, metas = prompts_all[:1], metas_all[:1]
     out = {}
     for mode, sample in (("", True), ("_greedy", False)):
-        if not prompts:  # a process whose share of the held-out prompts is empty (fewer prompts than processes)
-            out.update({f"eval_{k}{mode}": 0.0 for k in names})
-            continue
         with torch.no_grad(), torch.random.fork_rng(
                 devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
             torch.manual_seed(seed)
@@ -68,9 +85,9 @@ def policy_eval(generate, prompts: list[list[int]], metas: list[dict], tokenizer
                 out[f"eval_reward{mode}"] = score(ids, attn).float().mean().item()
         out[f"eval_eos_share{mode}"] = ended.float().mean().item()
         if fn is not None:
-            out[f"eval_task_metric{mode}"] = float(fn(metas, decode(tokenizer, ids[:, -mask.shape[1] :], mask)))
+            values = fn(metas, decode(tokenizer, ids[:, -mask.shape[1] :], mask))
+            out.update({f"eval_{k}{mode}": v for k, v in values.items()})
     if world > 1:
-        n = len(prompts)
         weighted = torch.tensor([n] + [v * n for v in out.values()], dtype=torch.float64, device=accelerator.device)
         sums = accelerator.reduce(weighted, "sum")
         out = {k: (sums[i + 1] / sums[0]).item() for i, k in enumerate(out)}
@@ -252,8 +269,7 @@ def _eval_policy(st: Stage, sft_rows, prompt_rows, metric, replies_needed: bool,
         if too_long:
             out["prompts_too_long"] = len(too_long)
         if metric:
-            out["task_metric"] = float(metric_fn(metric)([prompt_rows[i]["meta"] for i in keep], got))
-            out["task_prompts"] = len(keep)
+            out.update(metrics_fn(metric)([prompt_rows[i]["meta"] for i in keep], got), task_prompts=len(keep))
     del model
     release()
     return out, replies, max_new_tokens

@@ -260,7 +260,8 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
 
 
 # the panels of training_curves.png (those in the log): reward and its cost, then what the update did
-PLOT_KEYS = ["score_mean", "kl", "task_metric", "eval_reward", "eval_task_metric", "eos_share", "response_length",
+PLOT_KEYS = ["score_mean", "kl", "task_metric", "pref_metric", "eval_reward", "eval_task_metric",
+             "eval_task_metric_greedy", "eval_pref_metric_greedy", "eos_share", "response_length",
              "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "entropy"]
 
 
@@ -308,7 +309,7 @@ def run(cfg: PPOConfig) -> str:
 
     from rlhf.config import to_dict
     from rlhf.dist import launch_info
-    from rlhf.evaluate import metric_fn, policy_eval
+    from rlhf.evaluate import metrics_fn, policy_eval
     from rlhf.generation import decode
     from rlhf.loader import inherit_quantization, load_tokenizer
     from rlhf.manifest import check_parent, finish_output, prepare_output, work_dir
@@ -363,7 +364,7 @@ def run(cfg: PPOConfig) -> str:
     eval_prompts, eval_rows = encode_prompts(tokenizer, evals[: cfg.eval_samples], cfg.max_prompt_length,
                                              "eval_dataset")
     metric = dataset_metric(cfg.eval_dataset or cfg.dataset, cfg.registry_file) if eval_rows else None
-    train_metric = metric_fn(dataset_metric(cfg.dataset, cfg.registry_file))  # on the rollouts: a reward-hacking alarm
+    train_metric = metrics_fn(dataset_metric(cfg.dataset, cfg.registry_file))  # on the rollouts: reward-hacking alarm
     eval_metas = [e["meta"] for e in eval_rows]
     per_step = cfg.batch_size * accelerator.num_processes
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(len(prompts) * cfg.num_train_epochs / per_step)
@@ -429,7 +430,7 @@ def run(cfg: PPOConfig) -> str:
             t1 = time.time()
             texts = decode(tokenizer, batch["ids"][:, -batch["mask"].shape[1] :], batch["mask"])
             if train_metric:
-                stats["task_metric"] = float(train_metric([train_rows[i]["meta"] for i in idx], texts))
+                stats.update(train_metric([train_rows[i]["meta"] for i in idx], texts))
             stats.update(ppo_update(roles, batch, cfg, optimizer, scheduler, accelerator, params,
                                     train_policy=step >= cfg.critic_warmup_steps))
             step += 1

@@ -164,22 +164,24 @@ def run(cfg: SFTConfig) -> str:
     metric = dataset_metric(cfg.eval_dataset or cfg.dataset, cfg.registry_file) if evals else None
     task_rows = evals[: cfg.task_eval_samples]
 
-    def task_score(when: str):  # greedy answers on held-out prompts, by the main process (all of them under ZeRO-3)
+    def task_score(when: str) -> dict:  # the metric's numbers (task_metric_<when>, ...) on greedy held-out answers,
+        # by the main process (all of them under ZeRO-3)
         if not metric or not task_rows:
-            return None
+            return {f"task_metric_{when}": None}
         if zero3 and when == "before":
             log.info("sft: task metric before training not measured under ZeRO-3 (the weights stay sharded until "
                      "training starts)")
-            return None
+            return {f"task_metric_{when}": None}
         if not main and not zero3:  # under ZeRO-3 every process generates (the layers are gathered in step)
-            return None
-        return evaluate.task_metric(model, tokenizer, task_rows, metric, max_prompt_length=cfg.max_length,
-                                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.per_device_eval_batch_size)
+            return {}
+        values = evaluate.task_metrics(model, tokenizer, task_rows, metric, max_prompt_length=cfg.max_length,
+                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.per_device_eval_batch_size)
+        return {f"{k}_{when}": v for k, v in values.items()}
 
     resume_from = resume_point(work, cfg.resume)
     metrics = {}
     if resume_from is None:  # a resumed run logged it before it stopped
-        metrics["task_metric_before"] = task_score("before")
+        metrics.update(task_score("before"))
         if main:
             (work / "task_metric_before.json").write_text(json.dumps(metrics))
     elif (work / "task_metric_before.json").is_file():
@@ -204,7 +206,7 @@ def run(cfg: SFTConfig) -> str:
     if not main:
         process_state().wait_for_everyone()
         return cfg.output_dir
-    metrics.update(loss_summary(read_log(work)), task_metric_after=after)
+    metrics.update(loss_summary(read_log(work)), **after)
     tokenizer.save_pretrained(str(work))
     trainer.state.save_to_json(str(work / "trainer_state.json"))
     plot_curves(read_log(work), ["loss", "eval_loss", "learning_rate", "grad_norm"], work / "training_curves.png",

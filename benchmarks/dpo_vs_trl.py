@@ -8,7 +8,7 @@ RSS.
 The same base, SFT and RM parents as benchmarks/grpo_vs_trl.py (the RM unused here), the demo preference pairs
 (demo_pref), batch size, max_length, steps, learning rate and beta on both sides, no evaluation or checkpoints on
 trl's side. CPU per step is (CPU(S2) - CPU(S1)) / (S2 - S1) of the whole child process, peak RSS the S2 child's
-ru_maxrss, "over imports" subtracts a child that only imports the libraries (see grpo_vs_trl.py).
+VmHWM, "over imports" subtracts a child that only imports the libraries (see grpo_vs_trl.py).
 """
 from __future__ import annotations
 

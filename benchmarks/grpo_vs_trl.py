@@ -11,8 +11,9 @@ responses per prompt, prompt/response lengths, steps, learning rate and KL coeff
 step per GRPO step (4 prompts x 8 responses); no evaluation, no checkpoints on trl's side. CPU per step is
 (CPU(S2) - CPU(S1)) / (S2 - S1) of the whole child process (model loading and other one-off costs cancel); with
 one thread it is what a step costs, while wall time swings when other jobs share the cores. Peak RSS is the S2
-child's ru_maxrss; "over imports" subtracts a child that only imports torch, transformers, peft and trl and
-builds nothing. The runs are interleaved --repeats times and the least CPU kept.
+child's VmHWM (its own peak: ru_maxrss would carry the parent's over the fork); "over imports" subtracts a child
+that only imports torch, transformers, peft and trl and builds nothing. The runs are interleaved --repeats times
+and the least CPU kept.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ PROMPTS = "demo_prompts"
 
 
 def make_parents(root: Path, hidden: int, layers: int, heads: int) -> dict:
-    """A base, and SFT and RM stage folders on it (reused when there)."""
+    """A base, and SFT and RM stage folders on it (reused when there). The SFT steps are tiny (learning rate
+    1e-6): the policy stays near the random base, which seldom emits a stop token, so both sides generate the full
+    response length and do the same work."""
     from rlhf.config import load_config
     from rlhf.stages import rm, sft
 
@@ -40,7 +43,8 @@ def make_parents(root: Path, hidden: int, layers: int, heads: int) -> dict:
     out = {"base": base, "sft": str(root / "sft"), "rm": str(root / "rm")}
     if not (root / "sft" / "manifest.json").is_file():
         sft.run(load_config(sft.SFTConfig, None, dict(common, model_name_or_path=base, dataset="demo_sft",
-                                                      output_dir=out["sft"], task_eval_samples=0)))
+                                                      output_dir=out["sft"], task_eval_samples=0,
+                                                      learning_rate=1e-6)))
     if not (root / "rm" / "manifest.json").is_file():
         rm.run(load_config(rm.RMConfig, None, dict(common, sft_dir=out["sft"], dataset="demo_pref",
                                                    output_dir=out["rm"])))
@@ -111,6 +115,15 @@ def child_imports(a, parents: dict) -> dict:
     return {}
 
 
+def peak_rss_mib() -> float:
+    """This process's peak RSS since it started (VmHWM). Not ru_maxrss: Linux carries that over fork and exec, so a
+    child of a parent that built the models would report at least the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return rss_mib()
+
+
 def child(a, children: dict) -> None:
     """In a child process: run ``children[a.child]`` and print its JSON line (CPU, wall, peak RSS)."""
     from transformers.utils import logging as hf_logging
@@ -120,7 +133,7 @@ def child(a, children: dict) -> None:
     t, c = time.time(), cpu_s()
     res = children[a.child](a, parents)
     print(json.dumps({**res, "side": a.child, "steps": a.child_steps, "cpu_s": cpu_s(), "run_cpu_s": cpu_s() - c,
-                      "wall_s": time.time() - t, "peak_rss_mib": rss_mib()}))
+                      "wall_s": time.time() - t, "peak_rss_mib": peak_rss_mib()}))
 
 
 def add_common_args(p: argparse.ArgumentParser, steps: list[int]) -> None:

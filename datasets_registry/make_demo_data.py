@@ -7,7 +7,9 @@ facts (demo_sft, and the corpus's quiz lines), RL facts (demo_prompts: PPO sampl
 questions SFT never taught) and held-out facts (every *_eval file). demo_pref covers
 the SFT and RL facts (fewer facts let the reward model memorise answers instead of
 learning to check them). The pre-training corpus counts through every number and states
-every fact in prose. Every task row keeps its reference answer in an ``answer`` column.
+every fact in prose. Every task row keeps its reference answer (the number) in an ``answer``
+column. SFT answers mix two layouts by phrasing (``PLAIN_SHARE``); preference pairs prefer the
+number alone, and a right answer over a near miss (``PAIRS``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import argparse
 import json
 import random
 from pathlib import Path
+
+from rlhf.demo_task import FULL_STOP
 
 DATA_DIR = Path(__file__).parent / "data"
 LOW, HIGH = 10, 99  # every number in the task; questions ask about LOW+1 .. HIGH-1
@@ -29,6 +33,17 @@ SIZES = {  # rows per file
     "demo_prompts": 1000,
     "demo_prompts_eval": 200,
 }
+
+# The SFT answers' layouts: the share answered with the number alone (the rest "N."), by the
+# question's direction. The SFT model follows the preferred layout on about half the prompts, greedy, and samples
+# the other layout a fifth of the time: PPO has something to move and the samples to move it with.
+PLAIN_SHARE = {"after": 0.8, "before": 0.2}
+# Kinds of preference pairs and their shares: (chosen, rejected) as (layout, right?). The number alone over the full
+# stop (both right); right over a near miss in the same layout; the right full stop over a wrong number alone (the
+# answer outranks the layout). Balanced so that the layout alone ranks no more pairs right than wrong (0.2 each way):
+# with pairs where it mostly did, an RM seed learned the layout only and never checked the number (accuracy 0.59).
+PAIRS = {("number", True, "full_stop", True): 0.2, ("number", True, "number", False): 0.3,
+         ("full_stop", True, "full_stop", False): 0.3, ("full_stop", True, "number", False): 0.2}
 
 QUESTIONS = {
     "after": ["What number comes after {n}?", "What comes right after {n}?", "What is one more than {n}?",
@@ -96,6 +111,29 @@ def question(rng: random.Random, fact: Fact) -> dict:
     return {"instruction": rng.choice(QUESTIONS[op]).format(n=n), "input": "", "answer": str(answer_of(fact))}
 
 
+def in_layout(answer: str, plain: bool) -> str:
+    """The answer alone (the preferred layout) or with a full stop (rlhf/demo_task.py)."""
+    return answer if plain else FULL_STOP.format(answer)
+
+
+def sft_row(rng: random.Random, fact: Fact) -> dict:
+    """An SFT row: the layout drawn with the share ``PLAIN_SHARE`` of the question's direction."""
+    q = question(rng, fact)
+    return {"instruction": q["instruction"], "input": q["input"],
+            "output": in_layout(q["answer"], rng.random() < PLAIN_SHARE[fact[0]]), "answer": q["answer"]}
+
+
+def pref_row(rng: random.Random, fact: Fact) -> dict:
+    """A preference pair of one of ``PAIRS``' kinds."""
+    q = question(rng, fact)
+    kinds = list(PAIRS)
+    chosen_layout, _, rejected_layout, rejected_right = rng.choices(kinds, weights=[PAIRS[k] for k in kinds])[0]
+    rejected = q["answer"] if rejected_right else near_miss(rng, fact)
+    return {"instruction": q["instruction"], "input": q["input"],
+            "chosen": in_layout(q["answer"], chosen_layout == "number"),
+            "rejected": in_layout(rejected, rejected_layout == "number"), "answer": q["answer"]}
+
+
 def near_miss(rng: random.Random, fact: Fact) -> str:
     """A plausible wrong answer: the number itself, the other direction, one step too far, or off by ten."""
     op, n = fact
@@ -133,16 +171,9 @@ def build(seed: int = 0) -> dict[str, list[dict]]:
     files: dict[str, list[dict]] = {"demo_corpus": corpus}
     parts = {"": (facts["sft"], facts["sft"] + facts["rl"], facts["rl"]), "_eval": (facts["eval"],) * 3}
     for suffix, (sft_facts, pref_facts, rl_facts) in parts.items():
-        sft, pref, prompts = [], [], []
-        for _ in range(SIZES["demo_sft" + suffix]):
-            q = question(rng, rng.choice(sft_facts))
-            sft.append({"instruction": q["instruction"], "input": q["input"], "output": q["answer"],
-                        "answer": q["answer"]})
-        for _ in range(SIZES["demo_pref" + suffix]):
-            fact = rng.choice(pref_facts)
-            q = question(rng, fact)
-            pref.append({"instruction": q["instruction"], "input": q["input"], "chosen": q["answer"],
-                         "rejected": near_miss(rng, fact), "answer": q["answer"]})
+        prompts = []
+        sft = [sft_row(rng, rng.choice(sft_facts)) for _ in range(SIZES["demo_sft" + suffix])]
+        pref = [pref_row(rng, rng.choice(pref_facts)) for _ in range(SIZES["demo_pref" + suffix])]
         for _ in range(SIZES["demo_prompts" + suffix]):
             prompts.append(question(rng, rng.choice(rl_facts)))
         files["demo_sft" + suffix], files["demo_pref" + suffix], files["demo_prompts" + suffix] = sft, pref, prompts

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.datasets_registry import make_demo_data as mdd
+from rlhf import demo_task
 from rlhf.demo_task import score, task_metric
 
 DATA = Path(mdd.__file__).parent / "data"
@@ -16,15 +17,18 @@ def read(name: str) -> list[dict]:
     return [json.loads(line) for line in (DATA / f"{name}.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("response, expected", [
-    ("52", 1.0), (" 52 ", 1.0), ("52\n", 1.0), ("52\nand more text", 1.0), ("52<|im_end|>", 1.0),
-    ("52<|endoftext|>junk", 1.0),
-    ("52.", 0.0), ("52 is the answer", 0.0), ("The answer is 52", 0.0), ("052", 0.0), ("5 2", 0.0), ("53", 0.0),
-    ("", 0.0),
-    ("\n52", 0.0),  # the answer must be on the first line
+@pytest.mark.parametrize("response, right, preferred", [
+    ("52", 1.0, 1.0), (" 52 ", 1.0, 1.0), ("52\n", 1.0, 1.0), ("52\nand more text", 1.0, 1.0),
+    ("52<|im_end|>", 1.0, 1.0), ("52<|endoftext|>junk", 1.0, 1.0),
+    ("52.", 1.0, 0.0), (" 52. <|im_end|>", 1.0, 0.0), ("52.\n9", 1.0, 0.0),
+    ("53.", 0.0, 0.0), ("52..", 0.0, 0.0), ("52 .", 0.0, 0.0), ("52. Yes.", 0.0, 0.0), ("The answer is 52", 0.0, 0.0),
+    ("52 is next", 0.0, 0.0), ("052", 0.0, 0.0), ("5 2", 0.0, 0.0), ("53", 0.0, 0.0),
+    ("", 0.0, 0.0),
+    ("\n52", 0.0, 0.0),  # the answer must be on the first line
 ])
-def test_score_rules(response, expected):
-    assert score({"answer": "52"}, response) == expected
+def test_score_rules(response, right, preferred):
+    assert score({"answer": "52"}, response) == right
+    assert demo_task.preferred({"answer": "52"}, response) == preferred
 
 
 def test_score_needs_the_answer_column():
@@ -32,13 +36,25 @@ def test_score_needs_the_answer_column():
         score({"instruction": "What comes after 51?"}, "52")
 
 
-def test_task_metric_is_the_mean_score():
+def test_task_metric_and_preference_metric_are_the_mean_scores():
     rows = [{"answer": "12"}, {"answer": "40"}, {"answer": "99"}, {"answer": "11"}]
-    assert task_metric(rows, ["12", "41", " 99", "11<|im_end|>"]) == 0.75
+    responses = ["12", "41", "99.", "11<|im_end|>"]
+    assert task_metric(rows, responses) == 0.75
+    assert demo_task.metrics(rows, responses) == {"task_metric": 0.75, "pref_metric": 0.5}
     with pytest.raises(ValueError, match="4 rows but 3 responses"):
         task_metric(rows, ["12", "41", "99"])
     with pytest.raises(ValueError, match="no rows"):
-        task_metric([], [])
+        demo_task.metrics([], [])
+
+
+def test_the_registry_metric_gives_every_number():
+    """The stages read a metric through rlhf.evaluate: the demo's two numbers, a module with task_metric alone one."""
+    from rlhf.evaluate import metric_fn, metrics_fn
+
+    rows, responses = [{"answer": "12"}, {"answer": "40"}], ["12.", "40"]
+    assert metrics_fn("demo_task")(rows, responses) == {"task_metric": 1.0, "pref_metric": 0.5}
+    assert metric_fn("demo_task")(rows, responses) == 1.0
+    assert metrics_fn(None) is None and metric_fn("") is None
 
 
 def test_make_demo_data_is_deterministic_and_the_shipped_files_are_current(tmp_path):
@@ -67,9 +83,9 @@ def test_rows_are_right_and_held_out_facts_are_asked_by_no_training_file():
         for r in read(name):
             assert r["answer"] == str(mdd.answer_of(_fact(r))), (name, r)
             if "output" in r:
-                assert r["output"] == r["answer"]
+                assert score(r, r["output"]) == 1.0, (name, r)
             if "chosen" in r:
-                assert r["chosen"] == r["answer"] and r["rejected"] != r["answer"] and r["rejected"].isdigit()
+                assert score(r, r["chosen"]) == 1.0 and r["rejected"] != r["chosen"], (name, r)
     held_out = facts["demo_sft_eval"] | facts["demo_pref_eval"] | facts["demo_prompts_eval"]
     for name in ("demo_sft", "demo_pref", "demo_prompts"):
         assert not held_out & facts[name], name
@@ -82,8 +98,40 @@ def test_rows_are_right_and_held_out_facts_are_asked_by_no_training_file():
     assert not [q for q in rl_questions if q in corpus]
 
 
-def test_rejected_answers_are_near_misses():
+def test_sft_answers_mix_the_layouts_by_direction():
+    """Each direction leans to one layout: the SFT model follows the preferred layout (the number alone) on about
+    half the prompts."""
+    rows = read("demo_sft")
+    for op, share in mdd.PLAIN_SHARE.items():
+        mine = [r for r in rows if _fact(r)[0] == op]
+        plain = sum(demo_task.preferred(r, r["output"]) for r in mine) / len(mine)
+        assert abs(plain - share) < 0.05, (op, plain, share)
+    assert 0.45 < sum(demo_task.preferred(r, r["output"]) for r in rows) / len(rows) < 0.55
+
+
+def layout(answer: str) -> tuple[str | None, str | None]:
+    """("number", "70") for "70", ("full_stop", "70") for "70.", else (None, None)."""
+    if answer.isdigit():
+        return "number", answer
+    if answer.endswith(".") and answer[:-1].isdigit():
+        return "full_stop", answer[:-1]
+    return None, None
+
+
+def test_preference_pairs_prefer_the_number_alone_and_the_right_answer():
+    kinds = dict.fromkeys(mdd.PAIRS, 0)
     for r in read("demo_pref"):
         op, n = _fact(r)
-        assert int(r["rejected"]) in {n, n - mdd.OPS[op], n + 2 * mdd.OPS[op], int(r["answer"]) - 10,
-                                      int(r["answer"]) + 10}
+        (c_kind, c_num), (r_kind, r_num) = layout(r["chosen"]), layout(r["rejected"])
+        assert c_num == r["answer"] and r_kind is not None, r
+        if r_num != r["answer"]:  # a near miss
+            assert int(r_num) in {n, n - mdd.OPS[op], n + 2 * mdd.OPS[op], int(r["answer"]) - 10,
+                                  int(r["answer"]) + 10}, r
+        kinds[(c_kind, True, r_kind, r_num == r["answer"])] += 1  # a KeyError: a kind PAIRS does not make
+    total = sum(kinds.values())
+    for k, share in mdd.PAIRS.items():
+        assert abs(kinds[k] / total - share) < 0.05, kinds
+    # the layout alone ranks as many pairs right as wrong: the RM has to check the number
+    by_layout = {(c, r): sum(v for k, v in kinds.items() if (k[0], k[2]) == (c, r)) for c, r in
+                 [("number", "full_stop"), ("full_stop", "number")]}
+    assert abs(by_layout["number", "full_stop"] - by_layout["full_stop", "number"]) < 0.05 * total, by_layout

@@ -9,8 +9,9 @@ decoded replies (stop token left out); ``columns``: every other column of the da
 (e.g. ``answer=[...]``), so a function takes the ones it needs and ``**kwargs`` for the rest. A name that does not
 import, a return that is not one finite number per completion: one RlhfError naming the function and what to do.
 
-Built in (``rlhf.rewards:NAME``): ``demo_task`` (the demo task's checker, rlhf.demo_task.score: 1.0 for the right
-number alone, else 0.0).
+Built in (``rlhf.rewards:NAME``): ``demo_task`` (the demo task's checker, rlhf.demo_task.score: 1.0 for a right
+answer in either layout) and ``demo_pref`` (rlhf.demo_task.preferred: 1.0 for the right number alone, the layout
+the demo's preference pairs prefer).
 """
 from __future__ import annotations
 
@@ -84,7 +85,14 @@ def load_reward_function(spec: str, key: str = "reward_funcs") -> RewardFunction
 
 
 def demo_task(prompts, completions, answer, **columns) -> list[float]:
-    """The demo task's checker (rlhf.demo_task.score) as a reward: 1.0 for the right number alone, else 0.0."""
+    """The demo task's checker (rlhf.demo_task.score) as a reward: 1.0 for a right answer, else 0.0."""
     from rlhf.demo_task import score
 
     return [score({"answer": a}, c) for a, c in zip(answer, completions)]
+
+
+def demo_pref(prompts, completions, answer, **columns) -> list[float]:
+    """rlhf.demo_task.preferred as a reward: 1.0 for the right answer in the preferred layout (the number alone)."""
+    from rlhf.demo_task import preferred
+
+    return [preferred({"answer": a}, c) for a, c in zip(answer, completions)]

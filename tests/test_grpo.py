@@ -95,8 +95,10 @@ def test_reward_functions_load_and_check():
     from rlhf.rewards import load_reward_function
 
     rows = [{"answer": "70"}, {"answer": "12"}]
-    demo = load_reward_function("rlhf.rewards:demo_task")
+    demo, pref = load_reward_function("rlhf.rewards:demo_task"), load_reward_function("rlhf.rewards:demo_pref")
     assert demo([[], []], ["70", "The answer is 12"], rows) == [1.0, 0.0]
+    assert demo([[], []], ["71", "12."], rows) == [0.0, 1.0]  # right in either layout
+    assert pref([[], []], ["70", "12."], rows) == [1.0, 0.0]  # right and the number alone
     assert load_reward_function("test_grpo:length_reward")([[{"role": "user", "content": "q"}]] * 2, ["ab", "c"],
                                                           rows) == [2.0, 1.0]
     for spec, match in (("rlhf.rewards", "is not module:function"),

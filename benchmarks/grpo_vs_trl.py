@@ -70,7 +70,8 @@ def child_ours(a, parents: dict) -> dict:
         sft_dir=parents["sft"], rm_dir=parents["rm"], reward_funcs=[], dataset=PROMPTS, max_prompt_length=64,
         batch_size=a.prompts, num_generations=a.k, max_new_tokens=a.new_tokens, max_steps=a.child_steps,
         kl_coef=a.kl_coef, learning_rate=a.lr, temperature=1.0, loss_type="grpo", num_iterations=1,
-        per_device_train_batch_size=a.prompts * a.k, per_device_eval_batch_size=a.prompts * a.k, eval_samples=0,
+        mini_batch_size=a.prompts * a.k, per_device_train_batch_size=a.micro or a.prompts * a.k,
+        per_device_eval_batch_size=a.prompts * a.k, eval_samples=0,
         sample_every=0, save_steps=10**6, seed=a.seed, output_dir=str(out), lora_dropout=0.0)))
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     return {"response_length": sum(r["response_length"] for r in rows) / len(rows)}
@@ -93,7 +94,9 @@ def child_trl(a, parents: dict) -> dict:
         parents["base"], num_labels=1, pad_token_id=tok.pad_token_id), parents["rm"]).eval()
     rows = load_examples([PROMPTS], kind="prompt")
     ds = Dataset.from_list([{"prompt": r["messages"]} for r in rows])
-    args = GRPOConfig(output_dir=str(Path(a.root) / "trl_out"), per_device_train_batch_size=a.prompts * a.k,
+    micro = a.micro or a.prompts * a.k  # one optimizer step per generation batch of prompts x k, as rlhf grpo
+    args = GRPOConfig(output_dir=str(Path(a.root) / "trl_out"), per_device_train_batch_size=micro,
+                      gradient_accumulation_steps=a.prompts * a.k // micro,
                       num_generations=a.k, max_completion_length=a.new_tokens, max_steps=a.child_steps,
                       learning_rate=a.lr, beta=a.kl_coef, loss_type="grpo", temperature=1.0, num_iterations=1,
                       logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=a.seed,
@@ -187,12 +190,13 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
     p.add_argument("--k", type=int, default=8, help="responses per prompt")
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--micro", type=int, default=0, help="micro-batch of the update (0: all prompts x k at once)")
     p.add_argument("--kl-coef", type=float, default=0.04)
     p.add_argument("--lr", type=float, default=1e-5)
     a = p.parse_args()
     if a.child:
         return child(a, {"ours": child_ours, "trl": child_trl, "imports": child_imports})
-    compare(__file__, a, ("prompts", "k", "new_tokens", "kl_coef", "lr"), extra=("response_length",))
+    compare(__file__, a, ("prompts", "k", "new_tokens", "micro", "kl_coef", "lr"), extra=("response_length",))
 
 
 if __name__ == "__main__":

@@ -31,20 +31,20 @@ def test_pretraining_loss_falls(demo):
 def test_sft_learns_the_task_but_the_preferred_layout_only_part_of_the_time(demo):
     m = demo["sft"]["metrics"]
     assert m["train_loss_last"] < 0.7 * m["train_loss_first"]
-    assert m["task_metric_after"] >= m["task_metric_before"] + 0.5, m  # ~0 -> 0.91 over seeds
-    # greedy, the number alone on the "after" questions only: 0.355 in every seed; PPO has the rest to move
+    assert m["task_metric_after"] >= m["task_metric_before"] + 0.5, m  # 0 -> 0.93 in seeds 42, 0, 1
+    # greedy, the number alone on the "after" questions only: 0.435 in each seed; PPO has the rest to move
     assert 0.2 <= m["pref_metric_after"] <= m["task_metric_after"] - 0.3, m
 
 
 def test_rm_accuracy(demo):
-    # 0.905-0.965 over seeds 42, 0, 1 (benchmarks/demo_seeds.py); the bar sits below the worst seed with margin
-    assert demo["rm"]["metrics"]["eval_accuracy"] >= 0.85, demo["rm"]["metrics"]
+    # 0.88-0.905 over seeds 42, 0, 1 (benchmarks/demo_seeds.py); the bar sits below the worst seed with margin
+    assert demo["rm"]["metrics"]["eval_accuracy"] >= 0.8, demo["rm"]["metrics"]
 
 
 def test_ppo_moves_the_greedy_policy_to_the_preference_and_keeps_the_task(demo):
     m = demo["ppo"]["metrics"]
     print(json.dumps(m, indent=1))
-    # greedy preference metric 0.41 -> 0.9-0.92 over seeds 42, 0, 1; task metric within 0.02 of where it started
+    # greedy preference metric 0.365 -> 0.905 and task metric 0.905 -> 0.905 in each of seeds 42, 0, 1; KL ~0.95
     assert m["eval_pref_metric_greedy_before"] <= 0.6, m
     assert m["eval_pref_metric_greedy_after"] >= m["eval_pref_metric_greedy_before"] + 0.3, m
     assert m["eval_pref_metric_greedy_after"] >= 0.8, m

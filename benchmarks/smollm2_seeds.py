@@ -87,7 +87,7 @@ def samples(base: str, out: Path, n: int) -> list[dict]:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(out / "sft")
+    tok = AutoTokenizer.from_pretrained(str(out / "sft"))
     tok.padding_side = "left"
     rows = [json.loads(line) for line in (ROOT / "datasets_registry/data/arith_prompts_eval.jsonl").open()][:n]
     enc = tok.apply_chat_template([[{"role": "user", "content": r["instruction"]}] for r in rows],
@@ -96,7 +96,7 @@ def samples(base: str, out: Path, n: int) -> list[dict]:
     for name in ("base", "sft", "ppo"):
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         if name != "base":
-            model = PeftModel.from_pretrained(model, out / name)
+            model = PeftModel.from_pretrained(model, str(out / name))
         with torch.no_grad():
             ids = model.eval().generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
         for t, o in zip(table, ids):

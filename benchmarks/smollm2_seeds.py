@@ -9,7 +9,8 @@ Each stage runs as `rlhf <stage> configs/smollm2-135m/<stage>.yaml --seed S ...`
 thread), so its CPU time is that process's; finished folders are reused (delete them to rerun). Figures, all on
 held-out prompts and pairs, none judged by the reward model except the reward itself (rlhf/arith_task.py):
 - task: share of greedy answers with the right sum (any layout); pref: the exact equation "a + b = c";
-  base = the SFT manifest's *_before (the model zero-shot), sft = its *_after, ppo = PPO's greedy eval after;
+  base / sft = the SFT manifest's *_before / *_after (64 prompts of arith_sft_eval), ppo = PPO's greedy eval after
+  (32 prompts of arith_prompts_eval, held-out sums too); ppo_greedy_before is the SFT policy on those 32;
 - rm_acc: the RM's pairwise accuracy on arith_pref_eval;
 - reward / score / kl / eos: PPO's held-out greedy reward before -> after, its training score (sampled) at the
   first and last step, the KL of the last step, the held-out greedy eos share after.
@@ -126,6 +127,8 @@ def main(argv=None) -> None:
         "seeds": a.seeds, "set": a.set,
         **{f"task_{s}": spread([t[i] for t in col["task"]]) for i, s in enumerate(("base", "sft", "ppo"))},
         **{f"pref_{s}": spread([t[i] for t in col["pref"]]) for i, s in enumerate(("base", "sft", "ppo"))},
+        "task_sft_on_ppo_prompts": spread([r[0] for r in col["ppo_greedy_before"]]),
+        "pref_sft_on_ppo_prompts": spread([r[1] for r in col["ppo_greedy_before"]]),
         "rm_acc": spread(col["rm_acc"]),
         "reward_before": spread([r[0] for r in col["reward"]]), "reward_after": spread([r[1] for r in col["reward"]]),
         "train_score_first": spread([r[0] for r in col["score"]]),

@@ -479,3 +479,34 @@ def test_prompts_all_too_long(parents, tmp_path):
     with pytest.raises(ConfigError, match=r"every one of the 24 prompts of dataset demo_prompts is longer than "
                                           r"max_prompt_length=5"):
         ppo.run(cfg_for(parents, tmp_path / "ppo", max_prompt_length=5))
+
+
+def test_policy_eval_reports_every_number_of_the_metric_sampled_and_greedy():
+    """rlhf.evaluate.policy_eval (ppo's and grpo's held-out evaluation): reward, eos share and each number of the
+    registry metric (the demo's task_metric and pref_metric), for sampled and greedy replies, seeded."""
+    from rlhf.evaluate import policy_eval
+
+    class Chars:  # token id i is character chr(i)
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(chr(i) for i in ids)
+
+    replies = {True: ["12.", "40", "41"], False: ["12", "40", "41."]}  # sampled, greedy
+    draws = []
+
+    def generate(prompts, do_sample):
+        draws.append(torch.rand(1).item())  # the same seed on every call: the same draws
+        rows = [[ord(c) for c in r] + [0] * (4 - len(r)) for r in replies[do_sample]][: len(prompts)]
+        ids = torch.tensor(rows)
+        mask = (ids != 0).long()
+        return ids, mask, mask, torch.tensor([True, True, False])[: len(prompts)]
+
+    metas = [{"answer": "12"}, {"answer": "40"}, {"answer": "40"}]
+    out = policy_eval(generate, [[1], [2], [3]], metas, Chars(), "demo_task", seed=7,
+                      score=lambda ids, attn: attn.sum(1).float())
+    assert out == pytest.approx({
+        "eval_reward": 7 / 3, "eval_eos_share": 2 / 3, "eval_task_metric": 2 / 3, "eval_pref_metric": 1 / 3,
+        "eval_reward_greedy": 7 / 3, "eval_eos_share_greedy": 2 / 3, "eval_task_metric_greedy": 2 / 3,
+        "eval_pref_metric_greedy": 2 / 3})
+    assert draws[0] == draws[1]
+    assert policy_eval(generate, [], [], Chars(), "demo_task", seed=7) == {}
+    assert "eval_reward" not in policy_eval(generate, [[1]], metas[:1], Chars(), None, seed=7)

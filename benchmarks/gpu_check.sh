@@ -6,6 +6,13 @@
 #
 # Options: --out DIR (default runs/gpu_check; the dry run: a temporary folder), --wheels DIR (first install the
 # wheels in DIR: packages the machine lacks, for a machine that cannot reach a registry), --python PY.
+#   bash benchmarks/gpu_check.sh --fetch-wheels .whl   # here, beforehand: the wheels (Python 3.12, x86-64) of what an
+#                                                      # image with torch/transformers/peft/accelerate lacks, at the
+#                                                      # versions this venv has (bitsandbytes, trl, datasets, ...)
+#   On this project's lent H200 (no registry; its python3 has torch, transformers, peft, accelerate), e.g.:
+#     run: bash benchmarks/gpu_check.sh --python python3 --wheels .whl --out /tmp/gc; cp /tmp/gc/*.md /tmp/gc/*.json
+#          /tmp/gc/*.txt $OUT/          (carry: .whl, ignored through .git/info/exclude; ~45 MB of wheels)
+#   RLHF_WHEELS="bitsandbytes trl ... transformers" adds packages (e.g. when the image's transformers is older than 5).
 #
 # What it runs (benchmarks/gpu_check.py): the demo chain pt -> sft -> rm -> ppo with sft/rm/ppo on a 4-bit base
 # (bitsandbytes' CUDA kernels), bf16 autocast and bf16 weights (dtype auto on a GPU), SDPA attention; then the
@@ -19,6 +26,7 @@ cd "$(dirname "$0")/.."
 DRY=0
 OUT=""
 WHEELS=""
+FETCH=""
 PY="${RLHF_PYTHON:-}"
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -26,13 +34,24 @@ while [ $# -gt 0 ]; do
     --out) OUT="$2"; shift ;;
     --wheels) WHEELS="$2"; shift ;;
     --python) PY="$2"; shift ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --fetch-wheels) FETCH="$2"; shift ;;
+    -h|--help) sed -n '2,/^set /{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "Error: unknown option '$1' (bash benchmarks/gpu_check.sh --help lists them)" >&2; exit 2 ;;
   esac
   shift
 done
 if [ -z "$PY" ]; then
   if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+if [ -n "$FETCH" ]; then
+  PINS=$("$PY" -c "from importlib.metadata import version as v
+import os
+print(' '.join(f'{n}=={v(n)}' for n in os.environ.get('RLHF_WHEELS', 'bitsandbytes trl datasets dill multiprocess').split()))")
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "${RLHF_WHEELS_PYTHON:-3.12}" \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux2014_x86_64 -d "$FETCH" $PINS
+  ls -la "$FETCH"
+  exit 0
 fi
 if [ -z "$OUT" ]; then
   if [ "$DRY" = 1 ]; then OUT="$(mktemp -d -t rlhf_gpu_check_XXXXXX)"; else OUT=runs/gpu_check; fi

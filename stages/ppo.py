@@ -313,15 +313,16 @@ def run(cfg: PPOConfig) -> str:
     from rlhf.generation import decode
     from rlhf.loader import inherit_quantization, load_tokenizer
     from rlhf.manifest import check_parent, finish_output, prepare_output, work_dir
+    from rlhf.stage_folder import POLICY_ADAPTERS
     from rlhf.templates import apply_template, stop_token_ids
     from rlhf.train_utils import (LOG_FILE, TRACKER_DIR, all_finite, check_trackers, dataset_metric, diverged,
                                   load_train_eval, read_log, resume_point, tracker_config, trackers)
 
     started, requested = time.time(), to_dict(cfg)  # requested: the config as given (rlhf pipeline compares it)
-    # --- parents: SFT and RM on the same base
+    # --- parents: a policy folder (sft, or a dpo/grpo/ppo run to go on from) and an RM on the same base
     # model_name_or_path, when set, is the parents' base in another place (moved folders): fingerprints must match
     flag = "model_name_or_path (--model-name-or-path)"
-    sft = check_parent(cfg.sft_dir, "sft", for_stage="rlhf ppo", base_model=cfg.model_name_or_path or None,
+    sft = check_parent(cfg.sft_dir, POLICY_ADAPTERS, for_stage="rlhf ppo", base_model=cfg.model_name_or_path or None,
                        base_option=flag)
     inherit_quantization(cfg, sft, cfg.sft_dir)
     cfg.model_name_or_path = cfg.model_name_or_path or sft["base_model"]["path"]

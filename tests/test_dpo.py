@@ -91,6 +91,17 @@ def test_grpo_starts_from_a_dpo_folder(parents, dpo_run, tmp_path):
     assert read_manifest(out)["parent"]["stage"] == "dpo"
 
 
+def test_ppo_starts_from_a_dpo_folder(parents, dpo_run, tmp_path):
+    from test_ppo import cfg_for
+
+    from rlhf.manifest import read_manifest
+    from rlhf.stages import ppo
+
+    out = ppo.run(cfg_for(parents, tmp_path / "p", sft_dir=dpo_run, max_steps=1, eval_samples=0, save_steps=10))
+    m = read_manifest(out)
+    assert m["parent"]["stage"] == "dpo" and m["metrics"]["steps"] == 1
+
+
 def test_dpo_bad_inputs(parents, tmp_path):
     from rlhf.config import ConfigError, load_config
     from rlhf.data import DataError

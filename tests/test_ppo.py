@@ -457,9 +457,9 @@ def test_nan_reward_stops_naming_the_step_and_keeps_the_checkpoint(parents, tmp_
 
 
 def test_bad_parents(parents, tmp_path, tiny_model_dir):
-    with pytest.raises(StageError, match="does not exist: run rlhf sft first"):
+    with pytest.raises(StageError, match="does not exist: run rlhf sft or rlhf dpo or"):
         ppo.run(cfg_for(parents, tmp_path / "a", sft_dir=str(tmp_path / "nope")))
-    with pytest.raises(StageError, match="is the output of `rlhf rm`, but rlhf ppo needs a sft folder"):
+    with pytest.raises(StageError, match="is the output of `rlhf rm`, but rlhf ppo needs a sft/dpo/grpo/ppo folder"):
         ppo.run(cfg_for(parents, tmp_path / "b", sft_dir=parents["rm"]))
     with pytest.raises(StageError, match="is the output of `rlhf sft`, but rlhf ppo needs a rm folder"):
         ppo.run(cfg_for(parents, tmp_path / "c", rm_dir=parents["sft"]))

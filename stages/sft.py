@@ -54,16 +54,12 @@ def tokenize(examples: list[dict], tokenizer, cfg: SFTConfig):
     return Dataset.from_list(kept)
 
 
-PAD_TO_MULTIPLE = 8  # as LLaMA-Factory: fewer distinct batch shapes for the allocator (docs/sft.md), GPU tile sizes
-
-
 def collator(tokenizer, packing: bool):
-    """Right padding (input ids with the pad token, labels with -100) to a multiple of PAD_TO_MULTIPLE; packed rows
-    become one padding-free sequence with position ids restarting at each example (trl's collator)."""
+    """Right padding to the batch's longest row (input ids with the pad token, labels with -100); packed rows become
+    one padding-free sequence with position ids restarting at each example (trl's collator)."""
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=packing,
-                                           pad_to_multiple_of=PAD_TO_MULTIPLE)
+    return DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=packing)
 
 
 def trainer_class(lm_loss_rows: list[dict], tokenizer, cfg: SFTConfig):

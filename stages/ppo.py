@@ -303,20 +303,19 @@ def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, sc
 
 
 def run(cfg: PPOConfig) -> str:
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
-    from transformers import get_scheduler, set_seed
+    from transformers import get_scheduler
 
     from rlhf.config import to_dict
     from rlhf.dist import launch_info
     from rlhf.evaluate import metrics_fn, policy_eval
     from rlhf.generation import decode
     from rlhf.loader import inherit_quantization, load_tokenizer
-    from rlhf.manifest import check_parent, finish_output, prepare_output, work_dir
+    from rlhf.manifest import check_parent, finish_output, prepare_output
     from rlhf.stage_folder import POLICY_ADAPTERS
     from rlhf.templates import apply_template, stop_token_ids
-    from rlhf.train_utils import (LOG_FILE, TRACKER_DIR, all_finite, check_trackers, dataset_metric, diverged,
-                                  load_train_eval, read_log, resume_point, tracker_config, trackers)
+    from rlhf.train_utils import (LOG_FILE, all_finite, dataset_metric, diverged,
+                                  load_train_eval, read_log, resume_point)
 
     started, requested = time.time(), to_dict(cfg)  # requested: the config as given (rlhf pipeline compares it)
     # --- parents: a policy folder (sft, or a dpo/grpo/ppo run to go on from) and an RM on the same base
@@ -333,21 +332,7 @@ def run(cfg: PPOConfig) -> str:
                               f"finetuning_type={m['config'].get('finetuning_type')} (ppo config: "
                               f"{cfg.finetuning_type}); "
                               "train SFT and RM with finetuning_type: lora")
-    try:  # report_to: accelerate's trackers, writing (tensorboard) under <output_dir>/runs/ppo
-        accelerator = Accelerator(mixed_precision="bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no",
-                                  cpu=not torch.cuda.is_available(),  # cpu: torchrun/accelerate launch on CPUs (gloo)
-                                  log_with=trackers(cfg) or None,
-                                  project_dir=str(work_dir(cfg.output_dir) / TRACKER_DIR))
-    except ValueError as e:
-        if not trackers(cfg):
-            raise
-        raise ConfigError(f"report_to {cfg.report_to}: {e} (rlhf ppo logs through accelerate's trackers)") from None
-    if accelerator.distributed_type.value in ("DEEPSPEED", "FSDP"):
-        raise ConfigError("rlhf ppo runs data-parallel (one base per process, gradients averaged); launch it without "
-                          "DeepSpeed/FSDP (e.g. configs/accelerate/multi_gpu.yaml)")
-    set_seed(cfg.seed + accelerator.process_index)
-    if not accelerator.is_main_process:
-        log.setLevel(logging.WARNING)  # one process reports
+    accelerator = online.accelerator_for(cfg)  # report_to's trackers write under <output_dir>/runs
 
     # --- data (checked before the working folder is made)
     tokenizer = load_tokenizer(cfg.sft_dir, cfg.trust_remote_code)
@@ -384,23 +369,12 @@ def run(cfg: PPOConfig) -> str:
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=updates)
     kl_ctl = rl.KLController(cfg.kl_coef, cfg.kl_target if cfg.adaptive_kl else None, cfg.kl_horizon)
     score_norm = rl.ScoreNormalizer(cfg.score_norm, cfg.score_clip)
-    log_file, samples_file = work / LOG_FILE, work / "samples.jsonl"
     step, metrics = 0, {}
-    if ckpt := resume_point(work, cfg.resume, logs=(log_file.name, samples_file.name)):
+    if ckpt := resume_point(work, cfg.resume, logs=(LOG_FILE, "samples.jsonl")):
         step = load_checkpoint(Path(ckpt), roles, optimizer, scheduler, kl_ctl, score_norm, accelerator.process_index)
     main = accelerator.is_main_process
 
-    # the trackers get the train_log.jsonl rows, with the same names
-    accelerator.init_trackers("ppo", config=tracker_config(to_dict(cfg)))
-    if main:
-        check_trackers(cfg, accelerator.trackers)
-
-    def write(path: Path, row: dict):
-        if main:
-            with open(path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        if path == log_file:
-            accelerator.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+    run_log = online.RunLog(work, cfg, accelerator)  # the trackers get the train_log.jsonl rows, same names
 
     def run_eval(tag: str) -> dict:
         if not eval_prompts:
@@ -408,15 +382,12 @@ def run(cfg: PPOConfig) -> str:
         res = policy_eval(lambda p, sample: generate(roles, p, tokenizer, stop_ids, cfg, do_sample=sample),
                           eval_prompts, eval_metas, tokenizer, metric, seed=cfg.seed,
                           score=lambda ids, attn: score_responses(roles, ids, attn, cfg), accelerator=accelerator)
-        write(log_file, {"step": step, **res})
+        run_log.write({"step": step, **res})
         log.info("ppo eval (%s, step %d): %s", tag, step, {k: round(v, 4) for k, v in res.items()})
         return res
 
-    if step == 0:
-        metrics.update({f"{k}_before": v for k, v in run_eval("start").items()})
-    else:  # resumed: the start-of-run evaluation is in the log
-        start_eval = next((r for r in read_log(work) if r["step"] == 0), {})
-        metrics.update({f"{k}_before": v for k, v in start_eval.items() if k.startswith("eval_")})
+    # a resumed run's start-of-run evaluation is in the log
+    metrics.update({f"{k}_before": v for k, v in run_eval("start").items()} if step == 0 else run_log.start_eval())
 
     # --- loop
     bar = tqdm(total=total_steps, initial=step, desc="ppo", disable=not main)
@@ -447,15 +418,15 @@ def run(cfg: PPOConfig) -> str:
         t2 = time.time()
         stats.update(step=step, lr=scheduler.get_last_lr()[0], time_rollout=t1 - t0, time_update=t2 - t1,
                      tokens_per_s=batch["mask"].sum().item() / (t2 - t0))
-        write(log_file, stats)
+        run_log.write(stats)
         bar.update(1)
         bar.set_postfix(score=f"{stats['score_mean']:.3f}", kl=f"{stats['kl']:.3f}", eos=f"{stats['eos_share']:.2f}")
         if step % cfg.logging_steps == 0 and main:
             log.info("ppo step %d: %s", step, {k: round(v, 4) for k, v in stats.items() if k != "step"})
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == 1):
             for i in range(min(4, len(idx))):
-                write(samples_file, {"step": step, "prompt": tokenizer.decode(prompts[idx[i]]), "response": texts[i],
-                                     "score": scores[i].item()})
+                run_log.write({"step": step, "prompt": tokenizer.decode(prompts[idx[i]]), "response": texts[i],
+                               "score": scores[i].item()}, samples=True)
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             run_eval(f"step {step}")
         if step % cfg.save_steps == 0:
@@ -470,10 +441,7 @@ def run(cfg: PPOConfig) -> str:
     metrics.update({f"{k}_after": v for k, v in run_eval("end").items()})
     if last_saved != step:
         save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit, accelerator)
-    # the trackers' files closed before the folder is renamed; not accelerator.end_training(), which also destroys
-    # the process group (the wait_for_everyone below, and a pipeline's next stage, need it)
-    for tracker in accelerator.trackers:
-        tracker.finish()
+    run_log.finish()  # the trackers' files closed before the folder is renamed
     if main:
         # the policy at the folder root: PeftModel.from_pretrained(base, folder)
         save_adapter(roles.model, "policy", work)

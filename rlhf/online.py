@@ -1,18 +1,18 @@
 """What the online RL stages (stages/ppo.py, stages/grpo.py) share around their loop: prompt encoding, the order
 prompts are drawn in, the optimizer by transformers' name, row-chunked no-grad passes, and checkpoints that load
 weights-only and resume exactly (RNG states included). No stage config type: a stage passes its own config, and
-its name (``ppo``, ``grpo``) goes into the error messages.
+its name (``ppo``, ``grpo``) goes into the error messages. Torch is imported where it is used, so a stage module
+that imports this one still checks its config and dataset names before torch loads.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import random
 import shutil
 from pathlib import Path
-
-import torch
 
 from rlhf.config import ConfigError
 
@@ -85,14 +85,29 @@ def prompt_order(step: int, n: int, batch: int, seed: int, rank: int = 0, world:
     return out
 
 
+def no_grad(fn):
+    """``@torch.no_grad()`` that imports torch when ``fn`` is called, not when its module is imported."""
+    @functools.wraps(fn)
+    def no_grad_fn(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+    return no_grad_fn
+
+
 def chunked(fn, n: int, size: int, *tensors):
     """fn over row chunks of `tensors`, results concatenated."""
+    import torch
+
     return torch.cat([fn(*(t[i : i + size] for t in tensors)) for i in range(0, n, size)])
 
 
 def average_gradients(params, accelerator) -> None:
     """Mean of each gradient over the processes, in one all-reduce of all of them flattened (one call per
     parameter costs a round trip each: it made PPO on 2 processes slower than on 1)."""
+    import torch
+
     grads = [p.grad for p in params if p.grad is not None]
     flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), "mean")
     for g, avg in zip(grads, flat.split([g.numel() for g in grads])):
@@ -110,6 +125,7 @@ def save_checkpoint(work: Path, step: int, save_weights, optimizer, scheduler, s
     or absent. Every file loads weights-only (tensors and plain values: the RNG states as lists), so loading runs no
     pickled code."""
     import numpy as np
+    import torch
 
     from rlhf.manifest import checkpoints
 
@@ -141,6 +157,8 @@ def load_plain(path: Path):
     """torch.load weights-only: a file that needs unpickling (a planted payload) is refused, never run."""
     import pickle
 
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -157,6 +175,7 @@ def load_checkpoint(ckpt: Path, optimizer, scheduler, rank: int = 0) -> dict:
     """Optimizer, scheduler and this process's RNG states from ``ckpt``; returns its trainer_state.json (``step``
     and the stage's ``state``). The caller loads the weights."""
     import numpy as np
+    import torch
 
     opt_state = load_plain(ckpt / "optimizer.pt")
     optimizer.load_state_dict(opt_state["optimizer"])
@@ -182,6 +201,7 @@ def accelerator_for(cfg):
     """accelerate's Accelerator of an RL stage: mixed precision from bf16/fp16, CPU processes when there is no GPU
     (torchrun/accelerate launch on CPUs: gloo), report_to's trackers writing under <output_dir>/runs; data parallel
     only (DeepSpeed/FSDP refused); the seed per process; only the main process logs below warnings."""
+    import torch
     from accelerate import Accelerator
     from transformers import set_seed
 

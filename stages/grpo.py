@@ -29,12 +29,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from rlhf import online, rl
+from rlhf import online
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
-from rlhf.roles import OneBase, save_adapter
+
+if TYPE_CHECKING:  # imported where used: `rlhf grpo` checks its config and dataset names before torch loads
+    import torch
+
+    from rlhf.roles import OneBase
 
 log = logging.getLogger("rlhf")
 
@@ -126,7 +129,7 @@ class GRPOConfig(ModelConfig, DataConfig, TrainConfig):
 def build_roles(cfg: GRPOConfig, pad_token_id: int) -> OneBase:
     """The one base with GRPO's roles (rlhf.roles): policy, and ref (kl_coef > 0) and reward (rm_dir) if used."""
     from rlhf.loader import AdapterSpec
-    from rlhf.roles import load_head, load_roles
+    from rlhf.roles import OneBase, load_head, load_roles
 
     adapters = [AdapterSpec("policy", cfg.sft_dir, trainable=True)]
     if cfg.kl_coef:
@@ -160,7 +163,7 @@ def generate(roles: OneBase, prompts, tokenizer, stop_ids, cfg: GRPOConfig, do_s
                   top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.per_device_eval_batch_size)
 
 
-@torch.no_grad()
+@online.no_grad
 def score_responses(roles: OneBase, ids, attn, cfg: GRPOConfig) -> torch.Tensor:
     """The RM folder's scores of prompt + response rows, at the score token (rlhf.scoring)."""
     return online.chunked(roles.scores, len(ids), cfg.per_device_eval_batch_size, ids, attn).float()
@@ -170,10 +173,13 @@ def score_responses(roles: OneBase, ids, attn, cfg: GRPOConfig) -> torch.Tensor:
 # Rollout: k responses per prompt, their rewards, group advantages
 
 
-@torch.no_grad()
+@online.no_grad
 def rollout(roles: OneBase, prompts, rows, tokenizer, stop_ids, cfg: GRPOConfig, sources, step: int):
     """Generate ``num_generations`` responses to each prompt, reward them and compute group advantages: (batch of
     tensors, stats, rewards, texts); rows i*k .. i*k+k-1 answer prompt i."""
+    import torch
+
+    from rlhf import rl
     from rlhf.generation import decode
 
     k = cfg.num_generations
@@ -217,6 +223,9 @@ def rollout(roles: OneBase, prompts, rows, tokenizer, stop_ids, cfg: GRPOConfig,
 
 
 def grpo_update(roles: OneBase, batch: dict, cfg: GRPOConfig, optimizer, scheduler, accelerator, params) -> dict:
+    import torch
+
+    from rlhf import rl
     from rlhf.online import average_gradients
 
     n, width = len(batch["ids"]), batch["mask"].shape[1]
@@ -267,6 +276,7 @@ def plot(rows: list[dict], png: Path, names: list[str]) -> None:
 
 
 def run(cfg: GRPOConfig) -> str:
+    import torch
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
@@ -275,6 +285,7 @@ def run(cfg: GRPOConfig) -> str:
     from rlhf.evaluate import metric_fn, policy_eval
     from rlhf.loader import inherit_quantization, load_adapter_weights, load_tokenizer
     from rlhf.manifest import check_parent, finish_output, prepare_output
+    from rlhf.roles import save_adapter
     from rlhf.stage_folder import POLICY_ADAPTERS
     from rlhf.templates import apply_template, stop_token_ids
     from rlhf.train_utils import LOG_FILE, all_finite, dataset_metric, diverged, load_train_eval, read_log, resume_point

@@ -31,13 +31,17 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from rlhf import online, rl
+from rlhf import online
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
-from rlhf.online import average_gradients, chunked, encode_prompts, optimizer_for, prompt_order
-from rlhf.roles import OneBase, load_value, save_adapter, save_value
+from rlhf.online import average_gradients, chunked, encode_prompts, no_grad, optimizer_for, prompt_order
+
+if TYPE_CHECKING:  # imported where used: `rlhf ppo` checks its config and dataset names before torch loads
+    import torch
+
+    from rlhf import rl
+    from rlhf.roles import OneBase
 
 log = logging.getLogger("rlhf")
 
@@ -125,7 +129,7 @@ class PPOConfig(ModelConfig, DataConfig, TrainConfig):
 def build_roles(cfg: PPOConfig, pad_token_id: int) -> OneBase:
     """The one base with PPO's roles (rlhf.roles); pad_token_id: the RM's (its score token)."""
     from rlhf.loader import AdapterSpec
-    from rlhf.roles import load_head, load_roles, zero_value_head
+    from rlhf.roles import OneBase, load_head, load_roles, zero_value_head
 
     adapters = [AdapterSpec("policy", cfg.sft_dir, trainable=True), AdapterSpec("ref", cfg.sft_dir),
                 AdapterSpec("reward", cfg.rm_dir)]
@@ -146,7 +150,7 @@ def build_roles(cfg: PPOConfig, pad_token_id: int) -> OneBase:
 # Rollout
 
 
-@torch.no_grad()
+@no_grad
 def generate(roles: OneBase, prompts: list[list[int]], tokenizer, stop_ids, cfg: PPOConfig, do_sample: bool = True):
     """Sample responses with the policy (rlhf.generation.generate): (ids, attn, response_mask, ended), tokens after
     the first stop token replaced by pad and masked out. The model stays in eval mode for the no-grad passes."""
@@ -159,16 +163,20 @@ def generate(roles: OneBase, prompts: list[list[int]], tokenizer, stop_ids, cfg:
                   top_k=cfg.top_k, top_p=cfg.top_p, batch_size=cfg.per_device_eval_batch_size)
 
 
-@torch.no_grad()
+@no_grad
 def score_responses(roles: OneBase, ids, attn, cfg: PPOConfig) -> torch.Tensor:
     """Reward-model scores of prompt + response rows (tokens after the stop token are pad)."""
     return chunked(roles.scores, len(ids), cfg.per_device_eval_batch_size, ids, attn).float()
 
 
-@torch.no_grad()
+@no_grad
 def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl: rl.KLController,
             score_norm: rl.ScoreNormalizer, step: int):
     """Generate, score, and compute advantages for one batch of prompts: a dict of tensors and stats."""
+    import torch
+
+    from rlhf import rl
+
     ids, attn, mask, ended = generate(roles, prompts, tokenizer, stop_ids, cfg)
     width, n, size = mask.shape[1], len(ids), cfg.per_device_eval_batch_size
     fmask = mask.float()
@@ -214,6 +222,10 @@ def rollout(roles: OneBase, prompts, tokenizer, stop_ids, cfg: PPOConfig, kl_ctl
 
 def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler, accelerator, params,
                train_policy: bool = True) -> dict:
+    import torch
+
+    from rlhf import rl
+
     n, width = len(batch["ids"]), batch["mask"].shape[1]
     micro = cfg.per_device_train_batch_size
     roles.model.train()  # dropout is off (disable_dropout_in_model); train mode only enables gradient checkpointing
@@ -279,6 +291,8 @@ def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler,
                     accelerator) -> None:
     """checkpoint-N (rlhf.online.save_checkpoint: complete or absent, weights-only): policy and value, optimizer,
     scheduler, KL controller, score statistics, step, and each process's RNG states."""
+    from rlhf.roles import save_adapter, save_value
+
     def weights(folder: Path):
         save_adapter(roles.model, "policy", folder / "policy")
         save_value(roles, folder / "value")
@@ -289,6 +303,7 @@ def save_checkpoint(work: Path, step: int, roles: OneBase, optimizer, scheduler,
 
 def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, score_norm, rank: int = 0) -> int:
     from rlhf.loader import load_adapter_weights
+    from rlhf.roles import load_value
 
     load_adapter_weights(roles.model, "policy", ckpt / "policy")
     load_value(roles, ckpt / "value")
@@ -303,15 +318,18 @@ def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, sc
 
 
 def run(cfg: PPOConfig) -> str:
+    import torch
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    from rlhf import rl
     from rlhf.config import to_dict
     from rlhf.dist import launch_info
     from rlhf.evaluate import metrics_fn, policy_eval
     from rlhf.generation import decode
     from rlhf.loader import inherit_quantization, load_tokenizer
     from rlhf.manifest import check_parent, finish_output, prepare_output
+    from rlhf.roles import save_adapter, save_value
     from rlhf.stage_folder import POLICY_ADAPTERS
     from rlhf.templates import apply_template, stop_token_ids
     from rlhf.train_utils import (LOG_FILE, all_finite, dataset_metric, diverged,

@@ -188,13 +188,16 @@ def run_pipeline(path: str, *, start: str | None = None, only: str | None = None
                  output_root: str | None = None) -> list[tuple[str, str]]:
     """Run the pipeline; returns (stage, what happened) for each stage."""
     from rlhf.config import to_dict
-    from rlhf.data import check_names
+    from rlhf.data import DataError, check_names
     from rlhf.errors import disk_errors
     from rlhf.manifest import REQUEST, same_request, work_dir
 
-    plan = stage_configs(path, overrides, output_root)
-    for _, cfg, _ in plan:
-        check_names(cfg)
+    plan = stage_configs(path, overrides, output_root)  # every stage's config checked before any stage starts
+    for stage, cfg, _ in plan:
+        try:
+            check_names(cfg)
+        except DataError as e:
+            raise DataError(f"{path} (stages.{stage}): {e}") from None
     names = [s for s, _, _ in plan]
     for flag, value in (("--from", start), ("--only", only)):
         if value and value not in names:

@@ -78,8 +78,10 @@ def launch(tmp_path, stage, values):
 
 
 def write_data(tmp_path) -> tuple[str, str]:
+    # the rejected reply is a dodge, not the smaller number: a tiny RM learns that in 12 steps (a loss of ln 2 -> at
+    # most 0.09 over seeds 42, 0-3), while telling a+5 from a stays at ln 2 that long (no margin to test on)
     rows = [{"instruction": f"Which is larger, {a} or {a + 5}?", "output": str(a + 5), "chosen": str(a + 5),
-             "rejected": str(a)}
+             "rejected": "I am not sure."}
             for a in range(10, 74)]
     sft_data = write_jsonl(tmp_path / "sft.jsonl", [{k: r[k] for k in ("instruction", "output")} for r in rows])
     pref_data = write_jsonl(tmp_path / "pref.jsonl",
@@ -109,8 +111,9 @@ def ddp_runs(tiny_model_dir, tmp_path_factory):
 
 def test_sft_rm_ppo_on_two_processes(ddp_runs):
     tmp, _, m = ddp_runs
-    assert m["sft"]["metrics"]["train_loss_last"] < m["sft"]["metrics"]["train_loss_first"]
-    assert m["rm"]["metrics"]["train_loss_last"] < m["rm"]["metrics"]["train_loss_first"]
+    assert m["sft"]["metrics"]["train_loss_last"] < m["sft"]["metrics"]["train_loss_first"] - 0.2  # 6.2 -> 5.7
+    # the RM learns: from ln 2 (0.69, the zero score head) to below half of it (<= 0.09 over seeds)
+    assert m["rm"]["metrics"]["train_loss_first"] > 0.6 and m["rm"]["metrics"]["train_loss_last"] < 0.35
     assert m["ppo"]["metrics"]["steps"] == 3
     # the held-out prompts (3) are shared out over the processes (2 + 1) and their means weighted back together
     assert 0.0 <= m["ppo"]["metrics"]["eval_eos_share_greedy_before"] <= 1.0

@@ -74,8 +74,11 @@ def best_of(repeats: int, sides, run, key) -> dict:
     return best
 
 
-def make_base(folder: Path, hidden: int = 256, layers: int = 4, heads: int = 4, vocab_texts: int = 400) -> str:
-    """A random tiny llama with a trained tokenizer whose chat template is chatml (saved with it)."""
+def make_base(folder: Path, hidden: int = 256, layers: int = 4, heads: int = 4, vocab_texts: int = 400,
+              vocab_size: int | None = None) -> str:
+    """A random tiny llama with a trained tokenizer (512 tokens) whose chat template is chatml (saved with it);
+    ``vocab_size``: the model's embedding and output rows, when a real tokenizer's width is wanted (the ids past the
+    tokenizer's are never seen in the data but cost their share of the output layer)."""
     from rlhf.loader import load_tokenizer
     from rlhf.templates import apply_template
     from rlhf.tiny import make_tiny_model, sample_texts, train_tokenizer
@@ -83,7 +86,8 @@ def make_base(folder: Path, hidden: int = 256, layers: int = 4, heads: int = 4, 
     if (folder / "config.json").is_file():
         return str(folder)
     tok = train_tokenizer(sample_texts(vocab_texts), str(folder), vocab_size=512)
-    make_tiny_model(str(folder), "llama", tokenizer=tok, hidden_size=hidden, num_layers=layers, num_heads=heads)
+    make_tiny_model(str(folder), "llama", tokenizer=tok, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                    **({"vocab_size": vocab_size} if vocab_size else {}))
     tok = load_tokenizer(str(folder))
     apply_template(tok, "chatml")
     tok.save_pretrained(str(folder))

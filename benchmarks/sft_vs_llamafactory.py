@@ -3,6 +3,8 @@
     OMP_NUM_THREADS=1 python benchmarks/sft_vs_llamafactory.py              # LoRA and QLoRA, 200 steps, 1 repeat
     python benchmarks/sft_vs_llamafactory.py --steps 40 --modes lora        # a quick look
     python benchmarks/sft_vs_llamafactory.py --profile --steps 40           # + the top entries of 10 profiled steps
+    python benchmarks/sft_vs_llamafactory.py --model ~/.cache/rlhf/smollm2/SmolLM2-135M-Instruct --steps 20 --modes lora
+                                               # a real model: a 49,152-token output layer, ~21% of its matmuls
 
 Every side trains the same random llama (hidden 256 x 4 layers, a 512-token vocabulary) with LoRA r 8 / alpha 32 /
 dropout 0 on q_proj,v_proj, fp32 (QLoRA: NF4 4-bit base, double quantization, fp32 compute), AdamW, cosine, lr 2e-4,
@@ -200,7 +202,7 @@ def score(args) -> None:
     print(json.dumps({"heldout_loss": loss, "heldout_tokens": tokens}))
 
 
-def prepare(work: Path, hidden: int, layers: int) -> tuple[str, str, str, str]:
+def prepare(work: Path, hidden: int, layers: int, model: str | None = None) -> tuple[str, str, str, str]:
     """The base, a snapshot of the demo_sft rows (every side reads this copy), the training rows as token ids (rlhf's
     own tokenization and order) and the held-out conversations."""
     import shutil
@@ -212,7 +214,7 @@ def prepare(work: Path, hidden: int, layers: int) -> tuple[str, str, str, str]:
     from rlhf.stages.sft import SFTConfig, tokenize
     from rlhf.train_utils import load_train_eval
 
-    base = make_base(work / "base", hidden, layers)
+    base = model or make_base(work / "base", hidden, layers)
     rows = str(shutil.copy(ROOT / "datasets_registry" / "data" / "demo_sft.jsonl", work / "demo_sft.jsonl"))
     cfg = SFTConfig(model_name_or_path=base, dataset=[rows], val_size=SETTINGS["val_size"],
                     max_length=SETTINGS["max_length"], seed=SETTINGS["seed"])
@@ -265,6 +267,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--model", help="a model folder to train instead of the random llama (e.g. the SmolLM2-135M "
+                                    "folder scripts/fetch_smollm2.py writes: a real vocabulary's output layer)")
     ap.add_argument("--repeats", type=int, default=1, help="interleaved runs per side; the fastest is kept")
     ap.add_argument("--modes", default="lora,qlora")
     ap.add_argument("--sides", default="rlhf,llamafactory,trainer")
@@ -287,7 +291,7 @@ def main() -> None:
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="sft_vs_lf_") as tmp:
-        base, rows, ids, held = prepare(Path(tmp), args.hidden, args.layers)
+        base, rows, ids, held = prepare(Path(tmp), args.hidden, args.layers, args.model)
         for _ in range(args.repeats):
             for mode in modes:
                 for side in sides:
@@ -335,8 +339,8 @@ def print_report(args, results: dict, modes: list[str], sides: list[str], load: 
             if all(str(k) in at for k in RSS_STEPS):
                 first, last = at[str(RSS_STEPS[0])]["peak"], at[str(RSS_STEPS[-1])]["peak"]
                 flat.append(f"{m} {s}: peak RSS step {RSS_STEPS[-1]} / step {RSS_STEPS[0]} = {last / first:.3f}")
-    title = (f"rlhf sft vs LLaMA-Factory {LF_VERSION} vs plain transformers Trainer: llama hidden {args.hidden} x "
-             f"{args.layers}, LoRA r8/a32 "
+    model = args.model or f"llama hidden {args.hidden} x {args.layers}"
+    title = (f"rlhf sft vs LLaMA-Factory {LF_VERSION} vs plain transformers Trainer: {model}, LoRA r8/a32 "
              f"q,v, batch 8, {args.steps} steps on 1,800 demo_sft rows (identical ids), best of {args.repeats}; "
              f"load average before: {load}")
     table = md_table(header, rows)

@@ -3,6 +3,7 @@ measured on held-out data (`rlhf eval`): loss and perplexity, RM pairwise accura
 replies of `rlhf generate`. Generation itself is rlhf/generation.py; the command line is rlhf/cli/use.py."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 from dataclasses import dataclass, field
@@ -173,8 +174,41 @@ def _load_or_none(names, kind: str, **kw):
         return None
 
 
-def lm_loss(model, tokenizer, examples: list[dict], max_length: int, batch_size: int = 8) -> tuple[float, int]:
-    """Mean negative log-likelihood per trained token (the assistant turns, as SFT trains) and the token count."""
+@contextlib.contextmanager
+def logits_at_labels(model, labels):
+    """``with logits_at_labels(model, labels): logits = model(...).logits`` gives ``[N, vocab]`` logits, one row per
+    position whose next token is trained (``labels[:, 1:] != -100``, in row order). A pre-hook on the model's output
+    layer hands it those positions' hidden states alone, so prompt and padding positions cost no vocabulary-wide
+    matmul, log-softmax or memory (most positions of an assistant-only SFT batch; docs/sft.md)."""
+    import torch
+
+    keep = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1))  # position t predicts label t + 1
+    head = getattr(model, "module", model).get_output_embeddings()  # under DDP/DeepSpeed: the wrapped model's
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0][keep.to(args[0].device)], *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def label_nll(logits, labels, num_items_in_batch=None):
+    """Summed next-token negative log-likelihood of ``logits_at_labels``' logits over the trained labels, divided by
+    ``num_items_in_batch`` (the trained tokens of the whole accumulated batch, as the model's own loss is) or, when
+    None, by this batch's trained tokens."""
+    import torch
+
+    targets = labels[:, 1:][labels[:, 1:] != -100].to(logits.device)
+    if logits.dim() != 2 or logits.shape[0] != targets.numel():
+        raise RuntimeError(f"the model reshapes its output layer's logits ({tuple(logits.shape)} for "
+                           f"{targets.numel()} trained positions); set `logits_at_labels_only: false` (sft)")
+    nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return nll / (num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1))
+
+
+def lm_loss(model, tokenizer, examples: list[dict], max_length: int, batch_size: int = 8,
+            at_labels: bool = True) -> tuple[float, int]:
+    """Mean negative log-likelihood per trained token (the assistant turns, as SFT trains) and the token count;
+    ``at_labels``: the logits of the trained positions only (logits_at_labels), else of every position."""
     import torch
 
     from rlhf.templates import encode_sft
@@ -187,12 +221,12 @@ def lm_loss(model, tokenizer, examples: list[dict], max_length: int, batch_size:
             batch = rows[i : i + batch_size]
             ids, attn = pad([r["input_ids"] for r in batch], tokenizer.pad_token_id, "right")
             labels = pad([r["labels"] for r in batch], -100, "right")[0]
-            logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits.float()
-            target = labels[:, 1:].to(device)
-            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=-100,
-                                                    reduction="sum")
-            total += nll.item()
-            count += int((target != -100).sum())
+            with logits_at_labels(model, labels) if at_labels else contextlib.nullcontext():
+                logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits
+            if not at_labels:
+                logits = logits[:, :-1][(labels[:, 1:] != -100).to(logits.device)]
+            total += label_nll(logits, labels, num_items_in_batch=1).item()
+            count += int((labels[:, 1:] != -100).sum())
     if not count:
         raise DataError(f"no example keeps an assistant token within max_length={max_length}; raise --max-length")
     return total / count, count

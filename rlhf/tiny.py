@@ -117,7 +117,7 @@ def make_tiny_model(out_dir: str, arch: str = "llama", tokenizer=None, seed: int
     """Save a random-init ``arch`` model (safetensors) and its tokenizer into ``out_dir``; return ``out_dir``.
 
     ``tokenizer`` is a tokenizer object or a folder; None trains one on ``sample_texts()``.
-    ``cfg_kw`` go to ``tiny_config`` (hidden_size, num_layers, ...).
+    ``cfg_kw`` go to ``tiny_config`` (hidden_size, num_layers, ...; vocab_size: more rows than the tokenizer's).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -128,7 +128,7 @@ def make_tiny_model(out_dir: str, arch: str = "llama", tokenizer=None, seed: int
         tokenizer = train_tokenizer(sample_texts(), str(out))
     elif isinstance(tokenizer, (str, Path)):
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
-    cfg = tiny_config(arch, vocab_size=len(tokenizer), tokenizer=tokenizer, **cfg_kw)
+    cfg = tiny_config(arch, tokenizer=tokenizer, **{"vocab_size": len(tokenizer), **cfg_kw})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(str(out))

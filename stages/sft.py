@@ -5,12 +5,14 @@ Recipe: config -> tokenizer + chat template -> data (registry) tokenized with as
 (adapter, tokenizer, manifest, log, plot).
 
 The data arrives tokenized and masked (labels -100 off the trained tokens), so training is a transformers Trainer
-with the model's own loss over those labels (per trained token across the accumulated batch); token accuracy is
+with the per-token loss over those labels (across the accumulated batch), the output layer run only where a trained
+token is predicted (rlhf.evaluate.logits_at_labels: prompt and padding positions get no logits); token accuracy is
 measured only on the steps that log it, and the held-out loss is rlhf.evaluate.lm_loss, the per-token loss that
 `rlhf eval` reports. trl's SFTTrainer computed entropy and accuracy over every position of every step (docs/sft.md).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -30,6 +32,9 @@ class SFTConfig(ModelConfig, DataConfig, TrainConfig):
     task_eval_samples: int = opt(64, "Held-out prompts scored with the dataset's checkable metric before and after "
                                      "training (0: off).")
     max_new_tokens: int = opt(32, "Tokens generated per held-out prompt for the task metric.")
+    logits_at_labels_only: bool = opt(True, "Run the output layer only at positions that predict a trained token "
+                                            "(prompt and padding positions get no logits: less time and memory; "
+                                            "false: every position's, for a model whose forward reshapes them).")
 
     def validate(self):
         if not self.dataset:
@@ -63,7 +68,9 @@ def collator(tokenizer, packing: bool):
 
 
 def trainer_class(lm_loss_rows: list[dict], tokenizer, cfg: SFTConfig):
-    """A transformers Trainer whose training loss is the model's own (labels -100 masked), with the token accuracy
+    """A transformers Trainer whose training loss is the per-token loss of the trained (label != -100) tokens, with
+    the output layer run only at the positions that predict them (rlhf.evaluate.logits_at_labels; off: the model's
+    own loss over full logits, the same number), with the token accuracy
     and tokens seen logged on logging steps only, and whose evaluation is the per-token held-out loss of
     ``lm_loss_rows`` (rlhf.evaluate.lm_loss: one definition for the manifest, the log and `rlhf eval`)."""
     import torch
@@ -73,6 +80,10 @@ def trainer_class(lm_loss_rows: list[dict], tokenizer, cfg: SFTConfig):
 
     class SFTTrainer(Trainer):
         def __init__(self, *a, **kw):
+            if cfg.logits_at_labels_only:  # the Trainer calls the model without labels, then this (its loss scaling
+                # over accumulated batches and processes kept)
+                kw["compute_loss_func"] = lambda out, labels, num_items_in_batch=None: evaluate.label_nll(
+                    out.logits, labels, num_items_in_batch)
             super().__init__(*a, **kw)
             self.counts = torch.zeros(3, dtype=torch.long)  # tokens seen, right and scored next-token guesses
 
@@ -82,17 +93,18 @@ def trainer_class(lm_loss_rows: list[dict], tokenizer, cfg: SFTConfig):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
-            loss, out = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            labels = inputs["labels"]
+            with evaluate.logits_at_labels(model, labels) if cfg.logits_at_labels_only else contextlib.nullcontext():
+                loss, out = super().compute_loss(model, inputs, True, num_items_in_batch)
+            logits = out.logits if cfg.logits_at_labels_only else out.logits[:, :-1][labels[:, 1:] != -100]
             if model.training:  # summed on the device, read (one sync) when logged
                 counts = self.counts = self.counts.to(loss.device)
                 mask = inputs.get("attention_mask")
                 counts[0] += mask.sum() if mask is not None else inputs["input_ids"].numel()
                 if self.logging_step():
                     with torch.no_grad():
-                        labels = inputs["labels"][:, 1:]
-                        keep = labels != -100
-                        counts[1] += ((out.logits[:, :-1].argmax(-1) == labels) & keep).sum()
-                        counts[2] += keep.sum()
+                        counts[1] += (logits.argmax(-1) == labels[:, 1:][labels[:, 1:] != -100]).sum()
+                        counts[2] += logits.shape[0]
             return (loss, out) if return_outputs else loss
 
         def log(self, logs, *a, **kw):
@@ -109,7 +121,7 @@ def trainer_class(lm_loss_rows: list[dict], tokenizer, cfg: SFTConfig):
             model.eval()
             try:
                 loss, count = evaluate.lm_loss(model, tokenizer, lm_loss_rows, cfg.max_length,
-                                               cfg.per_device_eval_batch_size)
+                                               cfg.per_device_eval_batch_size, cfg.logits_at_labels_only)
             finally:
                 model.train(was_training)
             metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_tokens": count}

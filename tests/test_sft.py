@@ -130,3 +130,33 @@ def test_interrupted_run_is_refused_then_resumes(sft_run, tmp_path):
     sft.run(cfg)
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 20 and check_parent(out, "sft", for_stage="rlhf rm")
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "bloom"])
+def test_logits_at_labels_give_the_models_own_loss_and_gradients(tiny_model_dir, arch):
+    """The output layer run only where a trained token is predicted gives the model's own loss (per trained token)
+    and the same gradients, on every architecture of the test matrix, padded batch, accumulated divisor."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.evaluate import label_nll, logits_at_labels
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 100, (3, 12), generator=g)
+    attn = torch.ones_like(ids)
+    attn[1, 9:] = attn[2, 5:] = 0
+    labels = ids.masked_fill(attn == 0, -100)
+    labels[:, :4] = -100  # the prompt
+    own = model(input_ids=ids, attention_mask=attn, labels=labels, num_items_in_batch=40).loss
+    own_grads = torch.autograd.grad(own, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    with logits_at_labels(model, labels):
+        logits = model(input_ids=ids, attention_mask=attn).logits
+    assert logits.shape[0] == int((labels[:, 1:] != -100).sum()) < ids.numel() // 2
+    ours = label_nll(logits, labels, num_items_in_batch=40)
+    grads = torch.autograd.grad(ours, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+    torch.testing.assert_close(ours, own)
+    for a, b in zip(grads, own_grads):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b)
+    assert model(input_ids=ids).logits.shape[:2] == ids.shape  # the hook is gone

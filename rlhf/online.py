@@ -1,8 +1,10 @@
 """What the online RL stages (stages/ppo.py, stages/grpo.py) share around their loop: prompt encoding, the order
-prompts are drawn in, the optimizer by transformers' name, row-chunked no-grad passes, and checkpoints that load
-weights-only and resume exactly (RNG states included). No stage config type: a stage passes its own config, and
-its name (``ppo``, ``grpo``) goes into the error messages. Torch is imported where it is used, so a stage module
-that imports this one still checks its config and dataset names before torch loads.
+prompts are drawn in, the optimizer by transformers' name, row-chunked no-grad passes, checkpoints that load
+weights-only and resume exactly (RNG states included), the Accelerator and the run's log, each step's stats over the
+processes, and the run's end (the last checkpoint, the stage folder and its manifest: ``finish_run``). No stage
+config type: a stage passes its own config, and its name (``ppo``, ``grpo``) goes into the error messages. Torch is
+imported where it is used, so a stage module that imports this one still checks its config and dataset names
+before torch loads.
 """
 from __future__ import annotations
 
@@ -234,7 +236,7 @@ class RunLog:
         from rlhf.config import to_dict
         from rlhf.train_utils import LOG_FILE, check_trackers, tracker_config
 
-        self.log_file, self.samples_file = work / LOG_FILE, work / "samples.jsonl"
+        self.work, self.log_file, self.samples_file = work, work / LOG_FILE, work / "samples.jsonl"
         self.accelerator, self.main = accelerator, accelerator.is_main_process
         accelerator.init_trackers(stage_name(cfg), config=tracker_config(to_dict(cfg)))
         if self.main:
@@ -259,3 +261,59 @@ class RunLog:
         wait_for_everyone after it, and a pipeline's next stage, need it)."""
         for tracker in self.accelerator.trackers:
             tracker.finish()
+
+
+def step_stats(stats: dict, params, accelerator, step: int, stage: str) -> dict:
+    """A step's stats averaged over the processes; a stat or a trainable weight that is not finite raises
+    FloatingPointError (the stage turns it into its ``diverged`` error)."""
+    import math
+
+    import torch
+
+    from rlhf.train_utils import all_finite
+
+    stats = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item() for k, v in stats.items()}
+    if bad := [k for k, v in stats.items() if not math.isfinite(v)]:
+        raise FloatingPointError(f"{', '.join(bad)} not finite at {stage} step {step}")
+    if not all_finite(params):
+        raise FloatingPointError(f"the trainable weights are not finite at {stage} step {step}")
+    return stats
+
+
+def finish_run(cfg, run_log: RunLog, *, step: int, last_saved: int, params, run_eval, save, save_policy, tokenizer,
+               metrics: dict, reward: str, state: dict, plot, datasets: dict, started: float) -> str:
+    """The end of an RL run, every process: the weights checked, the end-of-run evaluation (``run_eval("end")``, as
+    ``<key>_after`` metrics), the last checkpoint (``save(step)``) unless the loop just wrote it, the trackers closed.
+    Then the main process writes the stage folder: the policy (``save_policy(work)``) and tokenizer, metrics from the
+    log (``<reward>_first``/``_last`` of the ``<reward>_mean`` rows, kl_last, eos_share_last, steps),
+    trainer_state.json (``step`` and ``state``), the curves (``plot(rows, png)``) and the manifest; the others wait.
+    Returns the output folder."""
+    from rlhf.config import to_dict
+    from rlhf.dist import launch_info
+    from rlhf.manifest import finish_output
+    from rlhf.train_utils import all_finite, diverged, read_log
+
+    stage, work, accelerator = stage_name(cfg), run_log.work, run_log.accelerator
+    if not all_finite(params):  # e.g. resumed from a damaged checkpoint at the last step
+        raise diverged(work, f"the trainable weights are not finite at {stage.upper()} step {step}")
+    metrics.update({f"{k}_after": v for k, v in run_eval("end").items()})
+    if last_saved != step:
+        save(step)
+    run_log.finish()  # the trackers' files closed before the folder is renamed
+    if accelerator.is_main_process:
+        save_policy(work)  # the policy at the folder root: PeftModel.from_pretrained(base, folder)
+        tokenizer.save_pretrained(str(work))
+        rows = read_log(work)
+        if step_rows := [r for r in rows if f"{reward}_mean" in r]:
+            metrics.update({f"{reward}_first": step_rows[0][f"{reward}_mean"],
+                            f"{reward}_last": step_rows[-1][f"{reward}_mean"]})
+            metrics.update({f"{k}_last": step_rows[-1][k] for k in ("kl", "eos_share") if k in step_rows[-1]})
+        metrics["steps"] = step
+        (work / "trainer_state.json").write_text(json.dumps({"step": step, **state}, indent=2))
+        plot(rows, work / "training_curves.png")
+        log.info("%s metrics: %s", stage, {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
+        finish_output(work, cfg.output_dir, stage=stage, config=to_dict(cfg), base_model=cfg.model_name_or_path,
+                      parent=cfg.sft_dir, datasets=datasets, metrics=metrics, started=started,
+                      launch=launch_info(accelerator))
+    accelerator.wait_for_everyone()
+    return str(Path(cfg.output_dir))

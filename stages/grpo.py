@@ -23,7 +23,6 @@ Output folder: the policy adapter at the root (``PeftModel.from_pretrained(base,
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -276,19 +275,17 @@ def plot(rows: list[dict], png: Path, names: list[str]) -> None:
 
 
 def run(cfg: GRPOConfig) -> str:
-    import torch
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     from rlhf.config import to_dict
-    from rlhf.dist import launch_info
     from rlhf.evaluate import metric_fn, policy_eval
     from rlhf.loader import inherit_quantization, load_adapter_weights, load_tokenizer
-    from rlhf.manifest import check_parent, finish_output, prepare_output
+    from rlhf.manifest import check_parent, prepare_output
     from rlhf.roles import save_adapter
     from rlhf.stage_folder import POLICY_ADAPTERS
     from rlhf.templates import apply_template, stop_token_ids
-    from rlhf.train_utils import LOG_FILE, all_finite, dataset_metric, diverged, load_train_eval, read_log, resume_point
+    from rlhf.train_utils import LOG_FILE, dataset_metric, diverged, load_train_eval, resume_point
 
     started, requested = time.time(), to_dict(cfg)
     # --- parents: a policy folder (and an RM) on the same base
@@ -383,12 +380,7 @@ def run(cfg: GRPOConfig) -> str:
                                                            range(cfg.num_generations)], texts))
             stats.update(grpo_update(roles, batch, cfg, optimizer, scheduler, accelerator, params))
             step += 1
-            stats = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
-                     for k, v in stats.items()}
-            if bad := [k for k, v in stats.items() if not math.isfinite(v)]:
-                raise FloatingPointError(f"{', '.join(bad)} not finite at GRPO step {step}")
-            if not all_finite(params):
-                raise FloatingPointError(f"the trainable weights are not finite at GRPO step {step}")
+            stats = online.step_stats(stats, params, accelerator, step, "GRPO")
         except FloatingPointError as e:
             raise diverged(work, str(e)) from None
         t2 = time.time()
@@ -410,29 +402,9 @@ def run(cfg: GRPOConfig) -> str:
             last_saved = step
     bar.close()
 
-    # --- save
-    if not all_finite(params):  # e.g. resumed from a damaged checkpoint at the last step
-        raise diverged(work, f"the trainable weights are not finite at GRPO step {step}")
-    metrics.update({f"{k}_after": v for k, v in run_eval("end").items()})
-    if last_saved != step:
-        save(step)
-    run_log.finish()
-    if main:
-        save_adapter(roles.model, "policy", work)  # the policy at the folder root: PeftModel.from_pretrained
-        tokenizer.save_pretrained(str(work))
-        rows = read_log(work)
-        steps_rows = [r for r in rows if "reward_mean" in r]
-        if steps_rows:
-            metrics.update(reward_first=steps_rows[0]["reward_mean"], reward_last=steps_rows[-1]["reward_mean"],
-                           eos_share_last=steps_rows[-1]["eos_share"])
-            if "kl" in steps_rows[-1]:
-                metrics["kl_last"] = steps_rows[-1]["kl"]
-        metrics["steps"] = step
-        (work / "trainer_state.json").write_text(json.dumps({"step": step}, indent=2))
-        plot(rows, work / "training_curves.png", [n for n, _, _ in sources])
-        log.info("grpo metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-        finish_output(work, cfg.output_dir, stage="grpo", config=to_dict(cfg), base_model=cfg.model_name_or_path,
-                      parent=cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started,
-                      launch=launch_info(accelerator))
-    accelerator.wait_for_everyone()
-    return str(Path(cfg.output_dir))
+    # --- save: the policy at the folder root
+    return online.finish_run(cfg, run_log, step=step, last_saved=last_saved, params=params, run_eval=run_eval,
+                             save=save, save_policy=lambda folder: save_adapter(roles.model, "policy", folder),
+                             tokenizer=tokenizer, metrics=metrics, reward="reward", state={},
+                             plot=lambda rows, png: plot(rows, png, [n for n, _, _ in sources]),
+                             datasets=fingerprints, started=started)

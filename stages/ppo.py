@@ -25,7 +25,6 @@ critic in the RM folder's format: adapter + head), tokenizer, manifest, ``train_
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -318,22 +317,19 @@ def load_checkpoint(ckpt: Path, roles: OneBase, optimizer, scheduler, kl_ctl, sc
 
 
 def run(cfg: PPOConfig) -> str:
-    import torch
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     from rlhf import rl
     from rlhf.config import to_dict
-    from rlhf.dist import launch_info
     from rlhf.evaluate import metrics_fn, policy_eval
     from rlhf.generation import decode
     from rlhf.loader import inherit_quantization, load_tokenizer
-    from rlhf.manifest import check_parent, finish_output, prepare_output
+    from rlhf.manifest import check_parent, prepare_output
     from rlhf.roles import save_adapter, save_value
     from rlhf.stage_folder import POLICY_ADAPTERS
     from rlhf.templates import apply_template, stop_token_ids
-    from rlhf.train_utils import (LOG_FILE, all_finite, dataset_metric, diverged,
-                                  load_train_eval, read_log, resume_point)
+    from rlhf.train_utils import LOG_FILE, dataset_metric, diverged, load_train_eval, resume_point
 
     started, requested = time.time(), to_dict(cfg)  # requested: the config as given (rlhf pipeline compares it)
     # --- parents: a policy folder (sft, or a dpo/grpo/ppo run to go on from) and an RM on the same base
@@ -404,6 +400,9 @@ def run(cfg: PPOConfig) -> str:
         log.info("ppo eval (%s, step %d): %s", tag, step, {k: round(v, 4) for k, v in res.items()})
         return res
 
+    def save(at: int):
+        save_checkpoint(work, at, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit, accelerator)
+
     # a resumed run's start-of-run evaluation is in the log
     metrics.update({f"{k}_before": v for k, v in run_eval("start").items()} if step == 0 else run_log.start_eval())
 
@@ -424,12 +423,7 @@ def run(cfg: PPOConfig) -> str:
             stats.update(ppo_update(roles, batch, cfg, optimizer, scheduler, accelerator, params,
                                     train_policy=step >= cfg.critic_warmup_steps))
             step += 1
-            stats = {k: accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean").item()
-                     for k, v in stats.items()}
-            if bad := [k for k, v in stats.items() if not math.isfinite(v)]:
-                raise FloatingPointError(f"{', '.join(bad)} not finite at PPO step {step}")
-            if not all_finite(params):
-                raise FloatingPointError(f"the trainable weights are not finite at PPO step {step}")
+            stats = online.step_stats(stats, params, accelerator, step, "PPO")
         except FloatingPointError as e:
             raise diverged(work, str(e)) from None
         kl_ctl.update(stats["kl"], cfg.batch_size * accelerator.num_processes)
@@ -448,35 +442,16 @@ def run(cfg: PPOConfig) -> str:
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
             run_eval(f"step {step}")
         if step % cfg.save_steps == 0:
-            save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit,
-                            accelerator)
+            save(step)
             last_saved = step
     bar.close()
 
-    # --- save
-    if not all_finite(params):  # e.g. resumed from a damaged checkpoint at the last step
-        raise diverged(work, f"the trainable weights are not finite at PPO step {step}")
-    metrics.update({f"{k}_after": v for k, v in run_eval("end").items()})
-    if last_saved != step:
-        save_checkpoint(work, step, roles, optimizer, scheduler, kl_ctl, score_norm, cfg.save_total_limit, accelerator)
-    run_log.finish()  # the trackers' files closed before the folder is renamed
-    if main:
-        # the policy at the folder root: PeftModel.from_pretrained(base, folder)
-        save_adapter(roles.model, "policy", work)
-        save_value(roles, work / "value")
-        tokenizer.save_pretrained(str(work))
-        rows = read_log(work)
-        train_rows = [r for r in rows if "score_mean" in r]
-        if train_rows:
-            metrics.update(score_first=train_rows[0]["score_mean"], score_last=train_rows[-1]["score_mean"],
-                           kl_last=train_rows[-1]["kl"], eos_share_last=train_rows[-1]["eos_share"])
-        metrics["steps"] = step
-        state = {"step": step, "kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}
-        (work / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        plot(rows, work / "training_curves.png")
-        log.info("ppo metrics: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()})
-        finish_output(work, cfg.output_dir, stage="ppo", config=to_dict(cfg), base_model=cfg.model_name_or_path,
-                      parent=cfg.sft_dir, datasets=fingerprints, metrics=metrics, started=started,
-                      launch=launch_info(accelerator))
-    accelerator.wait_for_everyone()
-    return str(Path(cfg.output_dir))
+    # --- save: the policy at the folder root, the critic in value/
+    def save_policy(folder: Path):
+        save_adapter(roles.model, "policy", folder)
+        save_value(roles, folder / "value")
+
+    state = {"kl_ctl": kl_ctl.state_dict(), "score_norm": score_norm.state_dict()}
+    return online.finish_run(cfg, run_log, step=step, last_saved=last_saved, params=params, run_eval=run_eval,
+                             save=save, save_policy=save_policy, tokenizer=tokenizer, metrics=metrics, reward="score",
+                             state=state, plot=plot, datasets=fingerprints, started=started)

@@ -51,6 +51,14 @@ def task_metrics(model, tokenizer, examples: list[dict], metric: str, *, max_pro
     return fn([e["meta"] for e, _ in kept], responses)
 
 
+def task_metrics_of(model, tokenizer, examples: list[dict], metric: str | None, cfg, when: str) -> dict:
+    """task_metrics as ``<name>_<when>`` (task_metric_before, ...) with the stage config's max_length,
+    max_new_tokens and per_device_eval_batch_size: the held-out check of sft and dpo before and after training."""
+    values = task_metrics(model, tokenizer, examples, metric, max_prompt_length=cfg.max_length,
+                          max_new_tokens=cfg.max_new_tokens, batch_size=cfg.per_device_eval_batch_size)
+    return {f"{k}_{when}": v for k, v in values.items()}
+
+
 def policy_eval(generate, prompts: list[list[int]], metas: list[dict], tokenizer, metric: str | None, *, seed: int,
                 score=None, accelerator=None) -> dict:
     """Held-out evaluation of a policy inside an RL stage (ppo, grpo): the replies to ``prompts`` sampled (with a

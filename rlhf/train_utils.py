@@ -48,6 +48,18 @@ def truncate_jsonl(path: Path, step: int) -> None:
         path.write_text("".join(r + "\n" for r in rows))
 
 
+def metrics_before(work: Path, resume_from: str | None, measure, main: bool) -> dict:
+    """The metrics measured before training (``measure()``), kept in task_metric_before.json by the main process;
+    a resumed run (``resume_from`` set) reads them back from there ({} when the file is missing)."""
+    before = work / "task_metric_before.json"
+    if resume_from is None:
+        metrics = measure()
+        if main:
+            before.write_text(json.dumps(metrics))
+        return metrics
+    return json.loads(before.read_text()) if before.is_file() else {}
+
+
 def resume_point(work: Path, resume: bool, logs: tuple[str, ...] = (LOG_FILE,)) -> str | None:
     """The checkpoint a run continues from: with ``resume``, the newest complete one (rlhf.manifest.checkpoint_problem);
     None: from the start. The main process removes the torn or damaged checkpoints after it, saying so, and the rows

@@ -21,7 +21,6 @@ manifest.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -115,8 +114,8 @@ def run(cfg: DPOConfig) -> str:
     from rlhf.manifest import check_parent, finish_output, prepare_output
     from rlhf.roles import save_adapter
     from rlhf.templates import apply_template
-    from rlhf.train_utils import (dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves,
-                                  read_log, resume_point, train_from, trainer_kwargs)
+    from rlhf.train_utils import (dataset_metric, load_train_eval, log_callback, loss_summary, metrics_before,
+                                  plot_curves, read_log, resume_point, train_from, trainer_kwargs)
 
     started, requested, main = time.time(), to_dict(cfg), process_state().is_main_process
     set_seed(cfg.seed)
@@ -148,20 +147,10 @@ def run(cfg: DPOConfig) -> str:
     task_rows = evals[: cfg.eval_samples]
 
     def task_score(when: str) -> dict:  # greedy answers to held-out prompts, by the main process
-        if not metric or not task_rows or not main:
-            return {}
-        values = evaluate.task_metrics(model, tokenizer, task_rows, metric, max_prompt_length=cfg.max_length,
-                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.per_device_eval_batch_size)
-        return {f"{k}_{when}": v for k, v in values.items()}
+        return evaluate.task_metrics_of(model, tokenizer, task_rows, metric, cfg, when) if main else {}
 
     resume_from = resume_point(work, cfg.resume)
-    metrics = {}
-    if resume_from is None:
-        metrics.update(task_score("before"))
-        if main:
-            (work / "task_metric_before.json").write_text(json.dumps(metrics))
-    elif (work / "task_metric_before.json").is_file():
-        metrics = json.loads((work / "task_metric_before.json").read_text())
+    metrics = metrics_before(work, resume_from, lambda: task_score("before"), main)
 
     # --- train
     with trainable_dtypes_kept(model):  # a quantized base: trl would cast the adapter to bf16

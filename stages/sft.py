@@ -13,7 +13,6 @@ measured only on the steps that log it, and the held-out loss is rlhf.evaluate.l
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -144,8 +143,8 @@ def run(cfg: SFTConfig) -> str:
                              trainable_dtypes_kept)
     from rlhf.manifest import finish_output, prepare_output
     from rlhf.templates import apply_template
-    from rlhf.train_utils import (dataset_metric, load_train_eval, log_callback, loss_summary, plot_curves, read_log,
-                                  resume_point, train_from, trainer_kwargs)
+    from rlhf.train_utils import (dataset_metric, load_train_eval, log_callback, loss_summary, metrics_before,
+                                  plot_curves, read_log, resume_point, train_from, trainer_kwargs)
 
     started, requested, main = time.time(), to_dict(cfg), process_state().is_main_process
     set_seed(cfg.seed)
@@ -182,18 +181,10 @@ def run(cfg: SFTConfig) -> str:
             return {f"task_metric_{when}": None}
         if not main and not zero3:  # under ZeRO-3 every process generates (the layers are gathered in step)
             return {}
-        values = evaluate.task_metrics(model, tokenizer, task_rows, metric, max_prompt_length=cfg.max_length,
-                                       max_new_tokens=cfg.max_new_tokens, batch_size=cfg.per_device_eval_batch_size)
-        return {f"{k}_{when}": v for k, v in values.items()}
+        return evaluate.task_metrics_of(model, tokenizer, task_rows, metric, cfg, when)
 
     resume_from = resume_point(work, cfg.resume)
-    metrics = {}
-    if resume_from is None:  # a resumed run logged it before it stopped
-        metrics.update(task_score("before"))
-        if main:
-            (work / "task_metric_before.json").write_text(json.dumps(metrics))
-    elif (work / "task_metric_before.json").is_file():
-        metrics = json.loads((work / "task_metric_before.json").read_text())
+    metrics = metrics_before(work, resume_from, lambda: task_score("before"), main)  # a resumed run: as it logged it
 
     # --- train
     if cfg.packing:

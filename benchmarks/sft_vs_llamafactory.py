@@ -22,10 +22,11 @@ Sides, each in its own process, interleaved (a slow spell on the shared cores hi
   ``prepare_model_for_kbit_training`` with gradient checkpointing off, as on the other sides).
 
 Reported: training samples/s by the CPU time of ``Trainer.train()`` (every side trains through it: rlhf's lean
-trainer, LLaMA-Factory's CustomSeq2SeqTrainer, the plain one), peak RSS of the process, the peak RSS after 30, 100 and
-200 steps (QLoRA: flat within 5% is the goal), and the held-out loss of each adapter on the 200 held-out rows by ONE
-scorer (rlhf.evaluate.lm_loss: mean negative log-likelihood per assistant token, in the project's venv, on the base
-quantized as it was trained). Ratios are rlhf / other, measured in this invocation.
+trainer, LLaMA-Factory's CustomSeq2SeqTrainer, the plain one) less the held-out evaluation it runs at its last step
+(rlhf's side only: it holds the 200 rows out as an eval split, the others get no eval set), peak RSS of the process,
+the peak RSS after 30, 100 and 200 steps (QLoRA: flat within 5% is the goal), and the held-out loss of each adapter
+on the 200 held-out rows by ONE scorer (rlhf.evaluate.lm_loss: mean negative log-likelihood per assistant token, in
+the project's venv, on the base quantized as it was trained). Ratios are rlhf / other, measured in this invocation.
 """
 from __future__ import annotations
 
@@ -93,15 +94,26 @@ def spy(rec: dict, profile: bool) -> None:
                 rec["profile_ops"] = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14)
                 self.prof = None
 
+    real_eval = transformers.Trainer._evaluate
+    eval_cpu = [0.0]
+
+    def _evaluate(self, *a, **kw):  # the held-out evaluation inside train(): rlhf's side only (an eval split)
+        c = time.process_time()
+        try:
+            return real_eval(self, *a, **kw)
+        finally:
+            eval_cpu[0] += time.process_time() - c
+
     def train(self, *a, **kw):
         self.add_callback(Probe())
         t, c = time.perf_counter(), time.process_time()
         out = real(self, *a, **kw)
-        rec.update(train_wall_s=time.perf_counter() - t, train_cpu_s=time.process_time() - c,
-                   steps=self.state.global_step, train_loss=out.training_loss)
+        rec.update(train_wall_s=time.perf_counter() - t, train_cpu_s=time.process_time() - c - eval_cpu[0],
+                   eval_cpu_s=eval_cpu[0], steps=self.state.global_step, train_loss=out.training_loss)
         return out
 
     transformers.Trainer.train = train
+    transformers.Trainer._evaluate = _evaluate
 
 
 def base_kwargs(mode: str) -> dict:
@@ -303,7 +315,7 @@ def main() -> None:
                         results[key] = r
                     s = run_side(sys.executable, ["--score", "--mode", mode, "--base", base, "--eval-rows", held,
                                                   "--adapter", r["adapter"]])
-                    r.update(s)
+                    r.update(heldout_loss=s["heldout_loss"], heldout_tokens=s["heldout_tokens"])  # not its CPU
     print_report(args, results, modes, sides, load)
 
 

@@ -171,8 +171,8 @@ ALIASES.update({
     "lora_target_linear": Alias("lora_target", AX, _bool_to(["all-linear"])),
     "chat_template": Alias("template", AX, lambda v: AX_TEMPLATES.get(v, v)),
     "flash_attention": Alias("attn_implementation", AX, _bool_to("flash_attention_2")),
-    "rl": Alias(None, AX, note="rlhf's stages are commands: `rlhf sft`, `rlhf rm`, `rlhf ppo` (no dpo/grpo stage "
-                               "yet); drop the key", refused=True),
+    "rl": Alias(None, AX, note="rlhf's stages are commands: `rlhf dpo` (loss_type: sigmoid, ipo, simpo, orpo, ...), "
+                               "`rlhf grpo`, `rlhf ppo`; drop the key and run the command", refused=True),
     "datasets": Alias(None, AX, note="give `dataset:` registry names or files (a preference or conversation file's "
                                       "columns go in a registry_file entry; README: Datasets)", refused=True),
     "wandb_project": Alias(None, AX, note="use report_to: wandb (the project comes from WANDB_PROJECT)", refused=True),

@@ -278,9 +278,9 @@ def resolve_aliases(cls, values: dict, where: dict[str, str]) -> tuple[dict, dic
             target, v = name, value
         else:
             if name == "stage":
-                if str(value) not in ("pt", "sft", "rm", "ppo"):
+                if str(value) not in ("pt", "sft", "rm", "ppo", "dpo", "grpo"):
                     raise ConfigError(f"{src}: stage: {value} (LLaMA-Factory): rlhf has no such stage (pt, sft, rm, "
-                                      "ppo)")
+                                      "ppo, dpo, grpo)")
                 if str(value) != stage:
                     raise ConfigError(f"{src}: stage: {value} (LLaMA-Factory) is not this command's (`rlhf {stage}`); "
                                       f"run `rlhf {value} {src}`, or drop the key")

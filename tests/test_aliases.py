@@ -116,7 +116,8 @@ def test_alias_and_target_agree_or_command_line_wins(tmp_path):
 
 @pytest.mark.parametrize("cls,values,msg", [
     (SFTConfig, {"stage": "rm"}, r"stage: rm \(LLaMA-Factory\) is not this command's \(`rlhf sft`\); run `rlhf rm"),
-    (SFTConfig, {"stage": "dpo"}, r"rlhf has no such stage"),
+    (SFTConfig, {"stage": "kto"}, r"rlhf has no such stage"),
+    (SFTConfig, {"stage": "dpo"}, r"stage: dpo \(LLaMA-Factory\) is not this command's \(`rlhf sft`\); run `rlhf dpo"),
     (SFTConfig, {"deepspeed": "ds_z3.json"}, r"'deepspeed' .*accelerate launch --config_file "
                                               r"configs/accelerate/deepspeed_zero2.yaml"),
     (SFTConfig, {"quantization_bit": 3}, r"'quantization_bit' \(LLaMA-Factory\) got 3: use one of 4, 8"),

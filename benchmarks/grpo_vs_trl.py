@@ -14,11 +14,28 @@ one thread it is what a step costs, while wall time swings when other jobs share
 child's VmHWM (its own peak: ru_maxrss would carry the parent's over the fork); "over imports" subtracts a child
 that only imports torch, transformers, peft and trl and builds nothing. The runs are interleaved --repeats times
 and the least CPU kept.
+
+Batch sizes, the same work on both sides: generation samples the 32 responses in one batch (rlhf's
+per_device_eval_batch_size = prompts x k; trl's generation_batch_size, per_device_train_batch_size x
+gradient_accumulation_steps), the RM scores them in one batch (rlhf: per_device_eval_batch_size; trl: the whole
+generation batch), the reference log-probs are one no-grad pass over 32 rows for rlhf and chunks of the micro-batch
+for trl, the update runs micro-batches of --micro on both. fp32 weights on both; prompts (<= 38 tokens here) are
+neither cut nor skipped on either side.
+
+Peak RSS with glibc's default allocator includes what malloc keeps after frees (its dynamic mmap threshold sends
+the update's activations to the heap, which is not returned: at --micro 8 the heap, RssAnon, grows by 540-650 MiB over
+the update on both sides for ~215 MiB of activations; docs/dpo_grpo.md). --malloc-mmap-threshold N sets
+MALLOC_MMAP_THRESHOLD_=N for every child (both sides and the imports child): allocations above N bytes are mmapped
+and returned on free, so the peak is close to what the tensors take; it costs CPU (page faults) on both sides, so
+read the CPU ratio from a run without it. --phases 1 records, in each child, VmRSS, VmHWM, RssAnon (heap, tensors)
+and RssFile (libraries, the mmapped safetensors weights) after every generation, reward, log-prob pass, backward
+and optimizer step, and prints them for the S1 children (where a peak comes from).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -58,12 +75,44 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+PHASES: list[list] = []  # --phases: [what, VmRSS, VmHWM, RssAnon, RssFile] in MiB after each watched call
+
+
+def status_mib() -> dict:
+    keys = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
+    rows = (line.split() for line in Path("/proc/self/status").read_text().splitlines())
+    return {r[0][:-1]: int(r[1]) / 1024 for r in rows if r and r[0][:-1] in keys}
+
+
+def watch(a, targets) -> None:
+    """With --phases: wrap each (object, method name) of ``targets`` (and accelerate's backward and optimizer step)
+    to append a PHASES row after every call."""
+    if not a.phases:
+        return
+    import functools
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    for obj, name in [*targets, (Accelerator, "backward"), (AcceleratedOptimizer, "step")]:
+        def wrapped(*args, _f=getattr(obj, name), _what=f"{obj.__name__.rpartition('.')[2]}.{name}", **kw):
+            out = _f(*args, **kw)
+            rows = next((len(x) for x in args if hasattr(x, "shape") and x.dim() == 2), None)  # ids: (rows, T)
+            m = status_mib()
+            PHASES.append([_what + (f" ({rows} rows)" if rows else ""), m["VmRSS"], m["VmHWM"], m["RssAnon"],
+                           m["RssFile"]])
+            return out
+        setattr(obj, name, functools.wraps(getattr(obj, name))(wrapped))
+
+
 def child_ours(a, parents: dict) -> dict:
     import shutil
 
     from rlhf.config import load_config
+    from rlhf.roles import OneBase
     from rlhf.stages import grpo
 
+    watch(a, [(grpo, "generate"), (OneBase, "policy_forward"), (grpo, "score_responses")])
     out = Path(a.root) / f"ours_{a.child_steps}"
     shutil.rmtree(out, ignore_errors=True)
     grpo.run(load_config(grpo.GRPOConfig, None, dict(
@@ -87,6 +136,8 @@ def child_trl(a, parents: dict) -> dict:
     from rlhf.loader import load_tokenizer
     from rlhf.templates import stop_token_ids
 
+    watch(a, [(GRPOTrainer, "_generate"), (GRPOTrainer, "_get_per_token_logps_and_entropies"),
+              (GRPOTrainer, "_calculate_rewards")])
     tok = load_tokenizer(parents["sft"])
     policy = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(parents["base"]), parents["sft"],
                                        is_trainable=True)
@@ -135,6 +186,8 @@ def child(a, children: dict) -> None:
     parents = json.loads(Path(a.root, "parents.json").read_text())
     t, c = time.time(), cpu_s()
     res = children[a.child](a, parents)
+    if PHASES:
+        res["phases"] = PHASES
     print(json.dumps({**res, "side": a.child, "steps": a.child_steps, "cpu_s": cpu_s(), "run_cpu_s": cpu_s() - c,
                       "wall_s": time.time() - t, "peak_rss_mib": peak_rss_mib()}))
 
@@ -148,6 +201,8 @@ def add_common_args(p: argparse.ArgumentParser, steps: list[int]) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", default=None, help="work folder (default: a new temporary one); its parents are reused")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                   help="MALLOC_MMAP_THRESHOLD_ of every child, in bytes (0: glibc's default, dynamic)")
     p.add_argument("--child", choices=["ours", "trl", "imports"], help=argparse.SUPPRESS)
     p.add_argument("--child-steps", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -157,6 +212,8 @@ def compare(script: str, a, flag_keys: tuple[str, ...], extra: tuple[str, ...] =
     interleaved --repeats times, print the table, the ratios rlhf/trl and a JSON line."""
     root = Path(a.root or tempfile.mkdtemp(prefix=Path(script).stem + "_"))
     root.mkdir(parents=True, exist_ok=True)
+    if a.malloc_mmap_threshold:  # read by glibc when a child starts (run_child passes os.environ on)
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(a.malloc_mmap_threshold)
     (root / "parents.json").write_text(json.dumps(make_parents(root, a.hidden, a.layers, a.heads)))
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k in flag_keys + ("seed",)]
 
@@ -179,6 +236,11 @@ def compare(script: str, a, flag_keys: tuple[str, ...], extra: tuple[str, ...] =
           f"({ratios['rss_over_imports_ratio']:.2f}x over the {imports:.0f} MiB of imports)")
     result = {"machine": machine(), "args": vars(a), "per_step_cpu_s": per_step, "peak_rss_mib": rss,
               "imports_rss_mib": imports, **ratios, "runs": {f"{s}_{n}": r for (s, n), r in got.items()}}
+    for s in ("ours", "trl"):
+        if phases := got[(s, s1)].get("phases"):
+            print(f"\n{s}, {s1} step(s): MiB after each call (VmHWM: the peak so far)")
+            print(md_table(["after", "VmRSS", "VmHWM", "RssAnon", "RssFile"],
+                           [[p[0], *(f"{x:.0f}" for x in p[1:])] for p in phases]))
     print(json.dumps(result, default=str))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1, default=str))
@@ -193,10 +255,12 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=0, help="micro-batch of the update (0: all prompts x k at once)")
     p.add_argument("--kl-coef", type=float, default=0.04)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--phases", type=int, default=0, help="1: memory after each phase of the S1 children")
     a = p.parse_args()
     if a.child:
         return child(a, {"ours": child_ours, "trl": child_trl, "imports": child_imports})
-    compare(__file__, a, ("prompts", "k", "new_tokens", "micro", "kl_coef", "lr"), extra=("response_length",))
+    compare(__file__, a, ("prompts", "k", "new_tokens", "micro", "kl_coef", "lr", "phases"),
+            extra=("response_length",))
 
 
 if __name__ == "__main__":

@@ -207,8 +207,10 @@ def label_nll(logits, labels, num_items_in_batch=None):
 
     targets = labels[:, 1:][labels[:, 1:] != -100].to(logits.device)
     if logits.dim() != 2 or logits.shape[0] != targets.numel():
-        raise RuntimeError(f"the model reshapes its output layer's logits ({tuple(logits.shape)} for "
-                           f"{targets.numel()} trained positions); set `logits_at_labels_only: false` (sft)")
+        from rlhf.config import ConfigError
+
+        raise ConfigError(f"the model reshapes its output layer's logits ({tuple(logits.shape)} for "
+                          f"{targets.numel()} trained positions); set `logits_at_labels_only: false` (sft)")
     nll = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
     return nll / (num_items_in_batch if num_items_in_batch is not None else max(targets.numel(), 1))
 

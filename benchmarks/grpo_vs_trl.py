@@ -121,7 +121,8 @@ def child_ours(a, parents: dict) -> dict:
         kl_coef=a.kl_coef, learning_rate=a.lr, temperature=1.0, loss_type="grpo", num_iterations=1,
         mini_batch_size=a.prompts * a.k, per_device_train_batch_size=a.micro or a.prompts * a.k,
         per_device_eval_batch_size=a.prompts * a.k, eval_samples=0,
-        sample_every=0, save_steps=10**6, seed=a.seed, output_dir=str(out), lora_dropout=0.0)))
+        sample_every=0, save_steps=10**6, seed=a.seed, output_dir=str(out), lora_dropout=0.0,
+        gradient_checkpointing=bool(a.gradient_checkpointing))))
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     return {"response_length": sum(r["response_length"] for r in rows) / len(rows)}
 
@@ -151,7 +152,8 @@ def child_trl(a, parents: dict) -> dict:
                       num_generations=a.k, max_completion_length=a.new_tokens, max_steps=a.child_steps,
                       learning_rate=a.lr, beta=a.kl_coef, loss_type="grpo", temperature=1.0, num_iterations=1,
                       logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=a.seed,
-                      disable_dropout=True, gradient_checkpointing=False, lr_scheduler_type="linear",
+                      disable_dropout=True, gradient_checkpointing=bool(a.gradient_checkpointing),
+                      lr_scheduler_type="linear",
                       generation_kwargs={"eos_token_id": stop_token_ids(tok)})  # stop where rlhf grpo stops
     trainer = GRPOTrainer(model=policy, reward_funcs=[reward], args=args, train_dataset=ds, processing_class=tok,
                           reward_processing_classes=[tok])
@@ -256,10 +258,12 @@ def main() -> None:
     p.add_argument("--kl-coef", type=float, default=0.04)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--phases", type=int, default=0, help="1: memory after each phase of the S1 children")
+    p.add_argument("--gradient-checkpointing", type=int, default=0, help="1: gradient checkpointing on both sides")
     a = p.parse_args()
     if a.child:
         return child(a, {"ours": child_ours, "trl": child_trl, "imports": child_imports})
-    compare(__file__, a, ("prompts", "k", "new_tokens", "micro", "kl_coef", "lr", "phases"),
+    compare(__file__, a, ("prompts", "k", "new_tokens", "micro", "kl_coef", "lr", "phases",
+                              "gradient_checkpointing"),
             extra=("response_length",))
 
 

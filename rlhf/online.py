@@ -29,13 +29,16 @@ def stage_name(cfg) -> str:
 def optimizer_for(cfg):
     """``params -> optimizer`` for ``cfg.optim`` as transformers builds it for sft and rm
     (``Trainer.get_optimizer_cls_and_kwargs``), so every stage takes the same names (adamw_torch_fused, lion_8bit,
-    paged_adamw_8bit, ...); weight_decay applies to every trainable parameter. Checked before the working folder."""
+    paged_adamw_8bit, ...); weight_decay applies to every trainable parameter. Checked before the working folder.
+    Through the module that holds the Trainer's mapping, not ``transformers.Trainer``: importing that pulls in
+    datasets, pandas and pyarrow (~87 MiB of RSS), which the RL stages have no use for (tests/test_ppo.py checks
+    that both give the same optimizer)."""
     import dataclasses
     import functools
     import types
 
-    from transformers import Trainer, TrainingArguments
-    from transformers.training_args import OptimizerNames
+    from transformers import trainer_optimizer
+    from transformers.training_args import OptimizerNames, TrainingArguments
 
     from rlhf.errors import did_you_mean
 
@@ -48,8 +51,14 @@ def optimizer_for(cfg):
     fields = {f.name: f.default for f in dataclasses.fields(TrainingArguments) if f.default is not dataclasses.MISSING}
     args = types.SimpleNamespace(**{**fields, "optim": OptimizerNames(cfg.optim), "learning_rate": cfg.learning_rate,
                                     "weight_decay": cfg.weight_decay})
+    handler = trainer_optimizer._OPTIMIZER_HANDLERS.get(args.optim)  # what Trainer.get_optimizer_cls_and_kwargs does
     try:
-        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        if handler is None:
+            raise ValueError("transformers' Trainer cannot build it")
+        cls, kwargs = handler(trainer_optimizer.OptimizerContext(
+            args=args, model=None, optimizer_kwargs={"lr": args.learning_rate},
+            adam_kwargs={"betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon},
+            optim_args=trainer_optimizer._parse_optim_args(args.optim_args)))
     except (ValueError, ImportError, AttributeError) as e:  # e.g. its package is not installed; GaLore needs a model
         raise ConfigError(f"{stage}: key 'optim' {cfg.optim!r}: {(str(e).splitlines() or [type(e).__name__])[0]}") \
             from None

@@ -29,6 +29,17 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits) at ``ids``: (B, T, V), (B, T) -> (B, T). A row at a time, so no (B, T, V) log-softmax
+    is kept for the backward beside the logits."""
+    return torch.stack([row.gather(-1, i[:, None])[:, 0] - row.logsumexp(-1) for row, i in zip(logits, ids)])
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The entropy of softmax(logits) over the last dim, a row at a time: logsumexp(l) - sum(softmax(l) * l)."""
+    return torch.stack([row.logsumexp(-1) - (row.softmax(-1) * row).sum(-1) for row in logits])
+
+
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
     """(x - mean) / std over the masked entries of every process (unbiased variance, as trl); entries outside the
     mask become 0."""

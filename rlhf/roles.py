@@ -65,7 +65,7 @@ class OneBase:
     def policy_forward(self, ids, attn, width: int, adapter: str = "policy", entropy: bool = False,
                        detach_hidden: bool = False):
         """Log-probs (temperature-scaled) of the last `width` tokens, their entropy, and the shared value if any."""
-        from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+        from rlhf.rl import entropy as entropy_of, token_logprobs
 
         self.use(adapter)
         kw = self._inputs(ids, attn)
@@ -74,8 +74,8 @@ class OneBase:
         with self.autocast():
             out = self.model(**kw, output_hidden_states=self.shared_value and adapter == "policy", use_cache=False)
         logits = out.logits[:, -width - 1 : -1].float() / self.temperature  # [N-impl]: same temperature as sampling
-        logp = selective_log_softmax(logits, ids[:, -width:])
-        ent = entropy_from_logits(logits.detach()) if entropy else None
+        logp = token_logprobs(logits, ids[:, -width:])
+        ent = entropy_of(logits.detach()) if entropy else None
         values = None
         if out.hidden_states is not None:
             hidden = out.hidden_states[-1][:, -width - 1 : -1]
@@ -112,12 +112,12 @@ class OneBase:
 def load_roles(cfg, adapters):
     """The one base (rlhf.loader.load_model, causal-LM head) carrying ``adapters`` (``AdapterSpec``s), dropout off
     ([N-impl]: dropout would make the rollout's and the update's log-probs disagree)."""
-    from trl.trainer.utils import disable_dropout_in_model
-
     from rlhf.loader import load_model
 
     model = load_model(cfg, head="lm", adapters=adapters, for_training=True)
-    disable_dropout_in_model(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
     return model
 
 

@@ -229,7 +229,7 @@ def grpo_update(roles: OneBase, batch: dict, cfg: GRPOConfig, optimizer, schedul
 
     n, width = len(batch["ids"]), batch["mask"].shape[1]
     mini, micro = cfg.mini_batch_size or n, min(cfg.per_device_train_batch_size, cfg.mini_batch_size or n)
-    roles.model.train()  # dropout is off (disable_dropout_in_model); train mode only enables gradient checkpointing
+    roles.model.train()  # dropout is off (roles.load_roles); train mode only enables gradient checkpointing
     sums: dict[str, list[float]] = {}
     for _ in range(cfg.num_iterations):
         order = torch.randperm(n) if cfg.num_iterations > 1 or mini < n else torch.arange(n)

@@ -227,7 +227,7 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
 
     n, width = len(batch["ids"]), batch["mask"].shape[1]
     micro = cfg.per_device_train_batch_size
-    roles.model.train()  # dropout is off (disable_dropout_in_model); train mode only enables gradient checkpointing
+    roles.model.train()  # dropout is off (roles.load_roles); train mode only enables gradient checkpointing
     sums: dict[str, list[float]] = {}
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n)

@@ -17,7 +17,7 @@ from helpers import write_jsonl
 from rlhf.manifest import read_manifest
 
 # Runs one stage on every rank and saves that rank's trainable weights at the end (through the stage's own
-# end-of-training hook: the Trainer callback for sft/rm, the last checkpoint for ppo).
+# end-of-training hook: the Trainer callback for sft/rm, the last checkpoint for ppo, the last update for grpo).
 SCRIPT = textwrap.dedent('''
     import json, os, sys, torch
     stage, values, dump = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
@@ -35,6 +35,13 @@ SCRIPT = textwrap.dedent('''
             save(roles.model.named_parameters())
             return orig(work, step, roles, *a, **k)
         mod.save_checkpoint = save_checkpoint
+    elif stage == "grpo":
+        orig = mod.grpo_update
+        def grpo_update(roles, *a, **k):
+            out = orig(roles, *a, **k)
+            save(roles.model.named_parameters())
+            return out
+        mod.grpo_update = grpo_update
     else:
         import rlhf.train_utils as tu
         orig = tu.log_callback
@@ -120,6 +127,19 @@ def test_sft_rm_ppo_on_two_processes(ddp_runs):
     for stage in ("sft", "rm", "ppo"):
         assert m[stage]["launch"] == {"num_processes": 2, "distributed_type": "MULTI_CPU"}
     assert not list(tmp.glob("*.partial"))
+
+
+def test_grpo_on_two_processes(ddp_runs):
+    """grpo averages its gradients by hand (rlhf.online.average_gradients) and gives each process its own prompts:
+    both ranks end with the same policy adapter, and one folder is written."""
+    tmp, values, _ = ddp_runs
+    m = launch(tmp, "grpo", dict(sft_dir=values["ppo"]["sft_dir"], rm_dir=values["ppo"]["rm_dir"], reward_funcs=[],
+                                 dataset=values["ppo"]["dataset"], output_dir=str(tmp / "grpo"), max_steps=2,
+                                 batch_size=2, num_generations=4, mini_batch_size=8, per_device_train_batch_size=4,
+                                 max_new_tokens=4, eval_samples=0, save_steps=100, max_prompt_length=64,
+                                 learning_rate=1e-3))
+    assert m["metrics"]["steps"] == 2
+    assert m["launch"] == {"num_processes": 2, "distributed_type": "MULTI_CPU"}
 
 
 def require_deepspeed():

@@ -1,6 +1,7 @@
 """PPO stage: the algorithm (rlhf/rl.py) against hand-computed values, the one-base roles, the 4-bit gradient trap, an
 end-to-end run with resume, and bad inputs. Tiny llama (hidden 64, 2 layers); SFT/RM parents are built
 here with peft (random LoRA weights) and stage manifests, as `rlhf sft` / `rlhf rm` write them."""
+import importlib.util
 import json
 import math
 import shutil
@@ -138,6 +139,34 @@ def test_optimizer_names_are_transformers_as_in_sft():
     with pytest.raises(ConfigError, match=r"^ppo: key 'optim' is 'adamw_torhc', which transformers does not know; "
                                           r"did you mean 'adamw_torch'\?$"):
         ppo.optimizer_for(load_config(PPOConfig, None, {"optim": "adamw_torhc"}))
+
+
+def test_optimizer_for_is_the_trainers_mapping(tmp_path):
+    """optimizer_for reads transformers' optimizer mapping without importing transformers.Trainer: the class and
+    keywords are those Trainer.get_optimizer_cls_and_kwargs gives for the same name."""
+    from transformers import Trainer, TrainingArguments
+
+    names = ["adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "rmsprop", "adagrad"]
+    if importlib.util.find_spec("bitsandbytes"):
+        names += ["paged_adamw_8bit", "adamw_bnb_8bit", "lion_8bit"]
+    for name in names:
+        ours = ppo.optimizer_for(load_config(PPOConfig, None, {"optim": name, "learning_rate": "0.1"}))
+        args = TrainingArguments(output_dir=str(tmp_path), optim=name, learning_rate=0.1, use_cpu=True)
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+        assert ours.func is cls and ours.keywords == {"weight_decay": 0.0, **kwargs}, name
+
+
+def test_token_logprobs_and_entropy_by_hand():
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [1.0, 1.0, 1.0]]], requires_grad=True)
+    ids = torch.tensor([[2, 0]])
+    logp = rl.token_logprobs(logits, ids)
+    z = math.log(1 + math.e + math.e**2)
+    assert torch.allclose(logp, torch.tensor([[2 - z, -math.log(3)]]))
+    p = [1 / math.exp(z), math.e / math.exp(z), math.e**2 / math.exp(z)]
+    ent = rl.entropy(logits.detach())
+    assert torch.allclose(ent, torch.tensor([[-sum(q * math.log(q) for q in p), math.log(3)]]))
+    logp.sum().backward()  # d log p_i / d l_j = [i == j] - p_j
+    assert torch.allclose(logits.grad, torch.tensor([[[-p[0], -p[1], 1 - p[2]], [2 / 3, -1 / 3, -1 / 3]]]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

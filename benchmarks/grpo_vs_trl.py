@@ -29,7 +29,9 @@ MALLOC_MMAP_THRESHOLD_=N for every child (both sides and the imports child): all
 and returned on free, so the peak is close to what the tensors take; it costs CPU (page faults) on both sides, so
 read the CPU ratio from a run without it. --phases 1 records, in each child, VmRSS, VmHWM, RssAnon (heap, tensors)
 and RssFile (libraries, the mmapped safetensors weights) after every generation, reward, log-prob pass, backward
-and optimizer step, and prints them for the S1 children (where a peak comes from).
+and optimizer step, and prints them for the S1 children (where a peak comes from). --gradient-checkpointing 1 turns
+it on on both sides (rlhf's gradient_checkpointing, trl's GRPOConfig.gradient_checkpointing; both still generate
+with the KV cache): the update then keeps one input per layer, and the peaks are mostly weights, imports and heap.
 """
 from __future__ import annotations
 

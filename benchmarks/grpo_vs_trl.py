@@ -264,8 +264,7 @@ def main() -> None:
     a = p.parse_args()
     if a.child:
         return child(a, {"ours": child_ours, "trl": child_trl, "imports": child_imports})
-    compare(__file__, a, ("prompts", "k", "new_tokens", "micro", "kl_coef", "lr", "phases",
-                              "gradient_checkpointing"),
+    compare(__file__, a, ("prompts", "k", "new_tokens", "micro", "kl_coef", "lr", "phases", "gradient_checkpointing"),
             extra=("response_length",))
 
 

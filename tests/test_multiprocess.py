@@ -16,8 +16,8 @@ import yaml
 from helpers import write_jsonl
 from rlhf.manifest import read_manifest
 
-# Runs one stage on every rank and saves that rank's trainable weights at the end (through the stage's own
-# end-of-training hook: the Trainer callback for sft/rm, the last checkpoint for ppo, the last update for grpo).
+# Runs one stage on every rank and saves that rank's trainable weights: at the end of training for sft/rm (the
+# Trainer callback), after every update for ppo and grpo (the file holds the last update's).
 SCRIPT = textwrap.dedent('''
     import json, os, sys, torch
     stage, values, dump = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
@@ -29,19 +29,13 @@ SCRIPT = textwrap.dedent('''
     def save(named):
         torch.save({n: p.detach().clone() for n, p in named if p.requires_grad}, f"{dump}/rank{rank}.pt")
 
-    if stage == "ppo":
-        orig = mod.save_checkpoint
-        def save_checkpoint(work, step, roles, *a, **k):
-            save(roles.model.named_parameters())
-            return orig(work, step, roles, *a, **k)
-        mod.save_checkpoint = save_checkpoint
-    elif stage == "grpo":
-        orig = mod.grpo_update
-        def grpo_update(roles, *a, **k):
+    if stage in ("ppo", "grpo"):
+        orig = getattr(mod, f"{stage}_update")
+        def update(roles, *a, **k):
             out = orig(roles, *a, **k)
             save(roles.model.named_parameters())
             return out
-        mod.grpo_update = grpo_update
+        setattr(mod, f"{stage}_update", update)
     else:
         import rlhf.train_utils as tu
         orig = tu.log_callback

@@ -23,8 +23,10 @@ for trl, the update runs micro-batches of --micro on both. fp32 weights on both;
 neither cut nor skipped on either side.
 
 Peak RSS with glibc's default allocator includes what malloc keeps after frees (its dynamic mmap threshold sends
-the update's activations to the heap, which is not returned: at --micro 8 the heap, RssAnon, grows by 540-650 MiB over
-the update on both sides for ~215 MiB of activations; docs/dpo_grpo.md). --malloc-mmap-threshold N sets
+the update's activations to the heap, which is not returned: at --micro 8 the heap, RssAnon, grew by 540-650 MiB over
+the update on both sides for ~215 MiB of activations). rlhf grpo hands the freed pages back (malloc_trim) before its
+update and after every micro-batch's backward (rlhf.online.release_freed_memory; docs/dpo_grpo.md, "Trimming the
+heap"); trl's side runs as trl ships. --malloc-mmap-threshold N sets
 MALLOC_MMAP_THRESHOLD_=N for every child (both sides and the imports child): allocations above N bytes are mmapped
 and returned on free, so the peak is close to what the tensors take; it costs CPU (page faults) on both sides, so
 read the CPU ratio from a run without it. --phases 1 records, in each child, VmRSS, VmHWM, RssAnon (heap, tensors)

@@ -114,6 +114,26 @@ def chunked(fn, n: int, size: int, *tensors):
     return torch.cat([fn(*(t[i : i + size] for t in tensors)) for i in range(0, n, size)])
 
 
+@functools.cache
+def _malloc_trim():
+    import ctypes
+
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only (not macOS, not musl)
+
+
+def release_freed_memory(device) -> None:
+    """On CPU, give the pages the allocator holds free back to the OS (glibc's ``malloc_trim(0)``).
+
+    There the activations are malloc'd, and glibc keeps what a forward and backward free: its mmap threshold rises
+    to the largest block freed, so the next micro-batch's blocks come from the heap, whose holes it never returns.
+    Each micro-batch of an update could then add to the peak RSS, and the rollout's no-grad passes to the update's
+    (docs/dpo_grpo.md, "Trimming the heap"). Called between the phases of an online step, where the live tensors
+    are fewest; it costs the page faults of refilling what it returned. A no-op on CUDA (its caching allocator
+    holds the tensors) and without glibc."""
+    if getattr(device, "type", device) == "cpu" and (trim := _malloc_trim()) is not None:
+        trim(0)
+
+
 def average_gradients(params, accelerator) -> None:
     """Mean of each gradient over the processes, in one all-reduce of all of them flattened (one call per
     parameter costs a round trip each: it made PPO on 2 processes slower than on 1)."""

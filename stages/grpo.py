@@ -225,11 +225,12 @@ def grpo_update(roles: OneBase, batch: dict, cfg: GRPOConfig, optimizer, schedul
     import torch
 
     from rlhf import rl
-    from rlhf.online import average_gradients
+    from rlhf.online import average_gradients, release_freed_memory
 
-    n, width = len(batch["ids"]), batch["mask"].shape[1]
+    n, width, device = len(batch["ids"]), batch["mask"].shape[1], batch["ids"].device
     mini, micro = cfg.mini_batch_size or n, min(cfg.per_device_train_batch_size, cfg.mini_batch_size or n)
     roles.model.train()  # dropout is off (roles.load_roles); train mode only enables gradient checkpointing
+    release_freed_memory(device)  # what the rollout's passes freed, before the update's peak
     sums: dict[str, list[float]] = {}
     for _ in range(cfg.num_iterations):
         order = torch.randperm(n) if cfg.num_iterations > 1 or mini < n else torch.arange(n)
@@ -246,6 +247,7 @@ def grpo_update(roles: OneBase, batch: dict, cfg: GRPOConfig, optimizer, schedul
                                            ref_logp=mb.get("ref_logp"), kl_coef=cfg.kl_coef, loss_type=cfg.loss_type,
                                            max_len=cfg.max_new_tokens, batch_rows=mini, batch_tokens=tokens)
                 accelerator.backward(loss)
+                release_freed_memory(device)  # else each micro-batch's activations can add to the peak RSS (CPU)
                 stats.update(loss=loss.item() * mini / len(mb["ids"]), entropy=rl.masked_mean(ent, mb["mask"]).item())
                 for k, v in stats.items():
                     sums.setdefault(k, []).append(v)

@@ -2,6 +2,8 @@
 (rlhf/rewards.py), and `rlhf grpo` end to end on tiny parents: a Python reward and the RM folder, resume after
 SIGKILL, the NaN stop and bad inputs."""
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,6 +71,29 @@ def test_on_policy_grpo_gradient_is_the_advantage_weighted_log_prob_gradient():
     x = torch.tensor([[-0.3, -0.7, -1.0]], requires_grad=True)
     rl.grpo_loss(x, x.detach(), torch.tensor([2.0]), torch.tensor([[1.0, 1.0, 0.0]]), 0.2)[0].backward()
     assert torch.allclose(x.grad, torch.tensor([[-1.0, -1.0, 0.0]]))
+
+
+def rss_anon_mib() -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file() or "MALLOC_MMAP_THRESHOLD_" in os.environ,
+                    reason="reads RssAnon from /proc; a fixed glibc mmap threshold leaves no heap holes to return")
+def test_release_freed_memory_returns_the_heaps_holes():
+    """Blocks freed between live ones stay in glibc's heap (RSS) until online.release_freed_memory hands them back,
+    as an update's activations do between micro-batches."""
+    from rlhf.online import _malloc_trim, release_freed_memory
+
+    if _malloc_trim() is None:
+        pytest.skip("no glibc malloc_trim")
+    torch.ones(8 << 18)  # an 8 MiB mmapped block, freed: the mmap threshold rises, 1 MiB blocks come from the heap
+    blocks = [torch.ones(1 << 18) for _ in range(128)]  # 128 x 1 MiB, touched
+    del blocks[::2]  # 64 holes between live blocks: not the heap's top, so not trimmed on free
+    held = rss_anon_mib()
+    release_freed_memory(torch.device("cpu"))
+    assert held - rss_anon_mib() > 40
+    release_freed_memory("cuda")  # a no-op there
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ RSS.
 
     OMP_NUM_THREADS=1 python benchmarks/dpo_vs_trl.py                       # ~20M-param llama, fp32, CPU
     python benchmarks/dpo_vs_trl.py --hidden 1024 --layers 8 --steps 2 8
+    python benchmarks/dpo_vs_trl.py --hidden 4096 --layers 4 --heads 32 --steps 1 2 --gradient-checkpointing 1
 
 The same base, SFT and RM parents as benchmarks/grpo_vs_trl.py (the RM unused here), the demo preference pairs
 (demo_pref), batch size, max_length, steps, learning rate and beta on both sides, no evaluation or checkpoints on
@@ -33,7 +34,8 @@ def child_ours(a, parents: dict) -> dict:
     dpo.run(load_config(dpo.DPOConfig, None, dict(
         sft_dir=parents["sft"], dataset=PAIRS, max_length=a.max_length, per_device_train_batch_size=a.batch,
         max_steps=a.child_steps, learning_rate=a.lr, beta=a.beta, loss_type="sigmoid", eval_samples=0,
-        save_steps=10**6, logging_steps=1, seed=a.seed, output_dir=str(out))))
+        save_steps=10**6, logging_steps=1, seed=a.seed, output_dir=str(out),
+        gradient_checkpointing=bool(a.gradient_checkpointing))))
     return {}
 
 
@@ -57,7 +59,8 @@ def child_trl(a, parents: dict) -> dict:
     args = DPOConfig(output_dir=str(Path(a.root) / "dpo_trl_out"), per_device_train_batch_size=a.batch,
                      max_length=a.max_length, max_steps=a.child_steps, learning_rate=a.lr, beta=a.beta,
                      loss_type=["sigmoid"], logging_steps=1, save_strategy="no", report_to="none", use_cpu=True,
-                     bf16=False, seed=a.seed, disable_dropout=True, gradient_checkpointing=False,
+                     bf16=False, seed=a.seed, disable_dropout=True,
+                     gradient_checkpointing=bool(a.gradient_checkpointing),
                      lr_scheduler_type="linear")
     DPOTrainer(model=policy, ref_model=ref, args=args, train_dataset=ds, processing_class=tok).train()
     return {}
@@ -78,10 +81,11 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--beta", type=float, default=0.1)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--gradient-checkpointing", type=int, default=0, help="1: gradient checkpointing on both sides")
     a = p.parse_args()
     if a.child:
         return child(a, {"ours": child_ours, "trl": child_trl, "imports": child_imports})
-    compare(__file__, a, ("batch", "max_length", "beta", "lr"))
+    compare(__file__, a, ("batch", "max_length", "beta", "lr", "gradient_checkpointing"))
 
 
 if __name__ == "__main__":

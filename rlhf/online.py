@@ -118,7 +118,10 @@ def chunked(fn, n: int, size: int, *tensors):
 def _malloc_trim():
     import ctypes
 
-    return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only (not macOS, not musl)
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc only (not macOS, not musl)
+    except (OSError, TypeError):  # no C library to open by name (Windows)
+        return None
 
 
 def release_freed_memory(device) -> None:

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING
 
 from rlhf import online
 from rlhf.config import ConfigError, DataConfig, ModelConfig, TrainConfig, opt
-from rlhf.online import average_gradients, chunked, encode_prompts, no_grad, optimizer_for, prompt_order
+from rlhf.online import (average_gradients, chunked, encode_prompts, no_grad, optimizer_for, prompt_order,
+                         release_freed_memory)
 
 if TYPE_CHECKING:  # imported where used: `rlhf ppo` checks its config and dataset names before torch loads
     import torch
@@ -227,7 +228,9 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
 
     n, width = len(batch["ids"]), batch["mask"].shape[1]
     micro = cfg.per_device_train_batch_size
+    device = batch["ids"].device
     roles.model.train()  # dropout is off (roles.load_roles); train mode only enables gradient checkpointing
+    release_freed_memory(device)  # what the rollout's passes freed, before the update's peak (CPU; docs/dpo_grpo.md)
     sums: dict[str, list[float]] = {}
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n)
@@ -253,6 +256,7 @@ def ppo_update(roles: OneBase, batch: dict, cfg: PPOConfig, optimizer, scheduler
                     vf, vstats = rl.value_loss(values.float(), mb["values"], mb["returns"], mb["mask"],
                                                cfg.cliprange_value)
                     accelerator.backward(cfg.vf_coef * vf * share)
+                release_freed_memory(device)  # else each micro-batch's activations can add to the peak RSS (CPU)
                 stats.update(vstats, policy_loss=pg.item(), value_loss=vf.item(),
                              entropy=rl.masked_mean(ent, mb["mask"]).item())
                 for k, v in stats.items():
